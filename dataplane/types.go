@@ -88,7 +88,9 @@ type Backend struct {
 func (b Backend) Usable() bool { return b.State != StateDisabled && b.Health != HealthDown }
 
 // AcceptsNew reports whether the backend may be chosen for a new client.
-func (b Backend) AcceptsNew() bool { return b.State == StateActive && b.Health != HealthDown && b.Weight > 0 }
+func (b Backend) AcceptsNew() bool {
+	return b.State == StateActive && b.Health != HealthDown && b.Weight > 0
+}
 
 // Service is one VIP and its ports sharing one affinity table, as committed.
 // Values handed to the dataplane are never mutated afterwards.

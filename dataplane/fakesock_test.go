@@ -1,0 +1,168 @@
+package dataplane
+
+import (
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// fakeSockets stands in for the kernel: listeners never deliver (the test
+// drives handleBatch itself), dialled conns count what is written.
+type fakeSockets struct {
+	mu      sync.Mutex
+	dialled []*fakeConn
+	failAt  netip.AddrPort // listen on it fails
+}
+
+func (f *fakeSockets) listen(addr netip.AddrPort) (conn, error) {
+	if addr == f.failAt {
+		return nil, ErrListen
+	}
+	return newFakeConn(addr), nil
+}
+
+func (f *fakeSockets) dial(src netip.Addr, dst netip.AddrPort) (conn, error) {
+	c := newFakeConn(netip.AddrPortFrom(src, 40000))
+	c.peer = dst
+	f.mu.Lock()
+	f.dialled = append(f.dialled, c)
+	f.mu.Unlock()
+	return c, nil
+}
+
+type fakeConn struct {
+	local, peer netip.AddrPort
+	sent        atomic.Int64
+	closeOnce   sync.Once
+	closed      chan struct{}
+}
+
+func newFakeConn(local netip.AddrPort) *fakeConn {
+	return &fakeConn{local: local, closed: make(chan struct{})}
+}
+
+func (c *fakeConn) ReadBatch(*batchPool) (*batch, int, error) {
+	<-c.closed
+	return nil, 0, net.ErrClosed
+}
+
+func (c *fakeConn) WriteBatch(_ *batch, pkts []packet) (int, error) {
+	c.sent.Add(int64(len(pkts)))
+	return len(pkts), nil
+}
+
+func (c *fakeConn) SetReadDeadline(time.Time) error { return nil }
+func (c *fakeConn) LocalAddr() netip.AddrPort       { return c.local }
+func (c *fakeConn) Close() error {
+	c.closeOnce.Do(func() { close(c.closed) })
+	return nil
+}
+
+type countingProposer struct{ n atomic.Int64 }
+
+func (p *countingProposer) Propose(Proposal) bool { p.n.Add(1); return true }
+
+// fakeEngine returns an engine on fake sockets with one service and its
+// listener on port 4500.
+func fakeEngine(t testing.TB) (*Engine, *listener, *fakeSockets, *countingProposer) {
+	fs := &fakeSockets{}
+	prop := &countingProposer{}
+	e, err := New(Config{Logger: discardLogger(), Table: NewTable(), Proposer: prop, BatchSize: 32, sockets: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	s := Service{ID: 1, Name: "vpn", VIP: netip.MustParseAddr("192.0.2.1"), Ports: []uint16{4500},
+		Timeout: time.Hour, Mode: ModeNAT, Key: KeySourceIP, Backends: testBackends(3)}
+	if err := e.SetServices([]Service{s}); err != nil {
+		t.Fatal(err)
+	}
+	return e, e.listeners[netip.MustParseAddrPort("192.0.2.1:4500")], fs, prop
+}
+
+// clientBatch fills a batch with n datagrams from n/2 clients (two each,
+// adjacent, so they form runs).
+func clientBatch(e *Engine, n int) *batch {
+	b := newBatch(e.cfg.BatchSize, 2048)
+	esp := []byte{1, 2, 3, 4, 0, 0, 0, 1, 0xaa, 0xbb}
+	for i := 0; i < n; i++ {
+		p := &b.pkts[i]
+		p.n = copy(p.buf, esp)
+		p.addr = netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(i / 2)}), 4500)
+	}
+	return b
+}
+
+// TestListenerBatchAllocs: once a client's flow exists, handling a batch
+// (decide, flow lookup, batched write, counters) allocates nothing.
+func TestListenerBatchAllocs(t *testing.T) {
+	e, l, fs, prop := fakeEngine(t)
+	b := clientBatch(e, 32)
+	l.handleBatch(b, 32, e.now.Load()) // warm: 16 flows are opened
+	if len(fs.dialled) != 16 || e.Flows() != 16 {
+		t.Fatalf("%d dials, %d flows; want 16", len(fs.dialled), e.Flows())
+	}
+	if prop.n.Load() != 16 {
+		t.Fatalf("%d proposals for 16 new clients, want 16 binds", prop.n.Load())
+	}
+	allocs := testing.AllocsPerRun(200, func() { l.handleBatch(b, 32, e.now.Load()) })
+	if allocs != 0 {
+		t.Fatalf("handleBatch allocates %v per batch", allocs)
+	}
+	var sent int64
+	for _, c := range fs.dialled {
+		sent += c.sent.Load()
+	}
+	if want := int64(32 * 202); sent != want { // AllocsPerRun runs once more to warm up
+		t.Fatalf("%d datagrams sent upstream, want %d", sent, want)
+	}
+	cs := e.Counters()[0]
+	if cs.Packets != 32*202 || cs.Datagrams["esp"] != 32*202 {
+		t.Fatalf("counters %+v", cs)
+	}
+}
+
+func TestListenerBatchFlowLimit(t *testing.T) {
+	e, l, _, _ := fakeEngine(t)
+	e.cfg.MaxFlows = 4
+	l.handleBatch(clientBatch(e, 32), 32, e.now.Load())
+	cs := e.Counters()[0]
+	if e.Flows() != 4 || cs.DropsByReason["flow_limit"] != 24 || cs.Packets != 8 {
+		t.Fatalf("flows %d, counters %+v", e.Flows(), cs)
+	}
+}
+
+func TestFakeListenError(t *testing.T) {
+	fs := &fakeSockets{failAt: netip.MustParseAddrPort("192.0.2.1:500")}
+	e, err := New(Config{Logger: discardLogger(), Table: NewTable(), Proposer: &countingProposer{}, sockets: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	s := Service{ID: 1, VIP: netip.MustParseAddr("192.0.2.1"), Ports: []uint16{500, 4500}, Mode: ModeNAT}
+	if err := e.SetServices([]Service{s}); err == nil {
+		t.Fatal("no error")
+	}
+	if len(e.listeners) != 1 {
+		t.Fatalf("%d listeners, want the one that opened", len(e.listeners))
+	}
+}
+
+func BenchmarkListenerBatch(b *testing.B) {
+	e, l, _, _ := fakeEngine(b)
+	bt := clientBatch(e, 32)
+	for i := 0; i < 32; i += 2 { // committed bindings: the steady state
+		k := ClientKey{Service: 1, Client: AddrFrom(bt.pkts[i].addr.Addr())}
+		b, _ := Pick(l.svc.Load().backends, k)
+		e.table.Put(k, Entry{Backend: b.ID, LastSeen: e.now.Load()})
+	}
+	l.handleBatch(bt, 32, e.now.Load())
+	b.ReportAllocs()
+	for b.Loop() {
+		l.handleBatch(bt, 32, e.now.Load())
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/32, "ns/datagram")
+}

@@ -1,0 +1,218 @@
+package dataplane
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// listener owns one VIP:port socket, its read loop and the client flows
+// that arrived on it. Its goroutine is the only one that touches flows (the
+// map and each flow's pacing); each flow's reply goroutine is waited for
+// before the listener's goroutine ends.
+type listener struct {
+	// set once
+	engine *Engine
+	addr   netip.AddrPort
+	conn   conn
+	log    *slog.Logger
+	done   chan struct{} // closed when run has returned
+
+	svc atomic.Pointer[serviceView] // the committed service, swapped by SetServices
+
+	// owned by the run goroutine
+	flows  map[flowKey]*flow
+	flowWG sync.WaitGroup
+	tally  tally
+	target []*flow // per batch slot: where it goes
+	tindex []int   // per batch slot: backend index
+
+	flowErrs    int // upstream sockets that failed to open since the last sweep
+	lastFlowErr error
+}
+
+func newListener(e *Engine, c conn, sv *serviceView) *listener {
+	l := &listener{
+		engine: e,
+		addr:   c.LocalAddr(),
+		conn:   c,
+		log:    e.log.With(slog.String("listen_addr", c.LocalAddr().String())),
+		done:   make(chan struct{}),
+		flows:  make(map[flowKey]*flow),
+		target: make([]*flow, e.cfg.BatchSize),
+		tindex: make([]int, e.cfg.BatchSize),
+	}
+	l.svc.Store(sv)
+	return l
+}
+
+// close stops the listener and waits for its goroutines.
+func (l *listener) close() {
+	l.conn.Close()
+	<-l.done
+}
+
+func (l *listener) run() {
+	defer close(l.done)
+	defer l.closeAllFlows()
+	e := l.engine
+	sweep := e.cfg.SweepInterval
+	_ = l.conn.SetReadDeadline(time.Now().Add(sweep))
+	var readErrs int
+	for {
+		b, n, err := l.conn.ReadBatch(e.pool)
+		if err != nil {
+			switch {
+			case errors.Is(err, net.ErrClosed):
+				return
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				l.sweep(e.now.Load())
+				if readErrs > 0 {
+					l.log.Warn("listener read errors", slog.Int("count", readErrs))
+					readErrs = 0
+				}
+				if l.flowErrs > 0 {
+					l.log.Warn("upstream sockets failed to open", slog.Int("count", l.flowErrs),
+						slog.Any("last_error", l.lastFlowErr))
+					l.flowErrs, l.lastFlowErr = 0, nil
+				}
+				_ = l.conn.SetReadDeadline(time.Now().Add(sweep))
+			default:
+				readErrs++ // logged, aggregated, on the next sweep
+			}
+			continue
+		}
+		l.handleBatch(b, n, e.now.Load())
+		e.pool.put(b)
+	}
+}
+
+// handleBatch decides each datagram, then sends runs of datagrams that go
+// to the same flow with one batched write each. Counters are flushed once.
+func (l *listener) handleBatch(b *batch, n int, now int64) {
+	e := l.engine
+	sv := l.svc.Load()
+	t := &l.tally
+	t.reset(sv)
+	port := l.addr.Port()
+	for i := 0; i < n; i++ {
+		p := &b.pkts[i]
+		l.target[i] = nil
+		if p.trunc {
+			t.drops[DropTruncated]++
+			continue
+		}
+		fk := flowKey{addr: AddrFrom(p.addr.Addr()), port: p.addr.Port()}
+		f := l.flows[fk]
+		var pc pacing
+		if f != nil {
+			pc = f.pacing
+		}
+		d := decide(sv, e.table, fk.addr, port, p.buf[:p.n], pc, now)
+		t.classes[d.class]++
+		if d.propose {
+			e.proposer.Propose(d.proposal)
+		}
+		if d.verdict == verdictDrop {
+			t.drops[d.reason]++
+			continue
+		}
+		be := &sv.backends[d.backend]
+		if f == nil || f.counters != sv.counters[d.backend] || f.backendAddr != be.Addr || f.dead.Load() {
+			var reason DropReason
+			f, reason = l.replaceFlow(fk, p.addr, sv, d.backend, f, now)
+			if f == nil {
+				t.drops[reason]++
+				t.backends[d.backend].drops++
+				continue
+			}
+		}
+		f.pacing = d.pacing
+		if f.lastActive.Load() != now {
+			f.lastActive.Store(now)
+		}
+		l.target[i], l.tindex[i] = f, d.backend
+		t.backends[d.backend].packets++
+		t.backends[d.backend].bytes += uint64(p.n)
+	}
+	for i := 0; i < n; {
+		f := l.target[i]
+		if f == nil {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < n && l.target[j] == f {
+			j++
+		}
+		if sent, _ := f.up.WriteBatch(b, b.pkts[i:j]); sent < j-i {
+			lost := uint64(j - i - sent)
+			t.drops[DropSendError] += lost
+			t.backends[l.tindex[i]].drops += lost
+		}
+		i = j
+	}
+	t.flush(sv)
+}
+
+// replaceFlow closes old (if any) and opens a flow for client to
+// sv.backends[bi]. It returns nil and the reason when it cannot.
+func (l *listener) replaceFlow(fk flowKey, client netip.AddrPort, sv *serviceView, bi int, old *flow, now int64) (*flow, DropReason) {
+	e := l.engine
+	if old != nil {
+		l.closeFlow(fk, old)
+	}
+	if e.flowCount.Add(1) > int64(e.cfg.MaxFlows) {
+		e.flowCount.Add(-1)
+		return nil, DropFlowLimit
+	}
+	be := &sv.backends[bi]
+	up, err := forwarderFor(sv.svc.Mode, e.cfg.sockets).upstream(sv, client, l.addr, be.Addr)
+	if err != nil {
+		e.flowCount.Add(-1)
+		l.flowErrs++
+		l.lastFlowErr = err
+		return nil, DropFlowError
+	}
+	f := &flow{client: client, backendID: be.ID, backendAddr: be.Addr, up: up, counters: sv.counters[bi], svc: sv.svcCounters}
+	if old != nil {
+		f.pacing = old.pacing
+	}
+	f.lastActive.Store(now)
+	l.flows[fk] = f
+	l.flowWG.Add(1)
+	go l.replyLoop(f)
+	return f, 0
+}
+
+func (l *listener) closeFlow(fk flowKey, f *flow) {
+	f.up.Close()
+	delete(l.flows, fk)
+	l.engine.flowCount.Add(-1)
+}
+
+// sweep closes flows idle longer than the service's flow timeout, and
+// flows whose reply goroutine stopped.
+func (l *listener) sweep(now int64) {
+	sv := l.svc.Load()
+	if sv == nil {
+		return
+	}
+	for fk, f := range l.flows {
+		if now-f.lastActive.Load() > sv.flowIdle || f.dead.Load() {
+			l.closeFlow(fk, f)
+		}
+	}
+}
+
+func (l *listener) closeAllFlows() {
+	for fk, f := range l.flows {
+		l.closeFlow(fk, f)
+	}
+	l.flowWG.Wait()
+}

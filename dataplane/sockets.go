@@ -1,0 +1,146 @@
+package dataplane
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+)
+
+// The kernel-facing side of the packet path: UDP sockets that read and write
+// batches of datagrams. Production uses kernelSockets (recvmmsg/sendmmsg on
+// Linux, see sockets_linux.go; one datagram per call elsewhere); tests can
+// substitute socketOps.
+
+// packet is one datagram slot of a batch.
+type packet struct {
+	buf   []byte         // the slot's whole buffer; the datagram is buf[:n]
+	n     int            // datagram length
+	addr  netip.AddrPort // source on read; destination on write (ignored by connected conns)
+	trunc bool           // the datagram did not fit in buf and was cut
+}
+
+// batch is a set of datagram slots plus the platform's syscall scratch. A
+// batch is used by one goroutine at a time.
+type batch struct {
+	pkts []packet
+	sys  sysBatch
+}
+
+func newBatch(size, bufLen int) *batch {
+	b := &batch{pkts: make([]packet, size)}
+	mem := make([]byte, size*bufLen)
+	for i := range b.pkts {
+		b.pkts[i].buf = mem[i*bufLen : (i+1)*bufLen : (i+1)*bufLen]
+	}
+	b.sys.init(b)
+	return b
+}
+
+// batchPool is a bounded free list of batches. Unlike sync.Pool it keeps its
+// batches across garbage collections, so a warm packet path never allocates.
+type batchPool struct {
+	free         chan *batch
+	size, bufLen int
+}
+
+func newBatchPool(keep, size, bufLen int) *batchPool {
+	return &batchPool{free: make(chan *batch, keep), size: size, bufLen: bufLen}
+}
+
+func (p *batchPool) get() *batch {
+	select {
+	case b := <-p.free:
+		return b
+	default:
+		return newBatch(p.size, p.bufLen)
+	}
+}
+
+func (p *batchPool) put(b *batch) {
+	select {
+	case p.free <- b:
+	default: // enough kept; let the GC have it
+	}
+}
+
+// conn is a UDP socket as the packet path uses it.
+type conn interface {
+	// ReadBatch waits for at least one datagram and returns a batch taken
+	// from pool holding n ≥ 1 of them in pkts[:n]; the caller puts the batch
+	// back. Implementations may hold no batch while waiting, so idle sockets
+	// cost no buffer. Only one goroutine may call ReadBatch at a time.
+	ReadBatch(pool *batchPool) (b *batch, n int, err error)
+	// WriteBatch sends pkts, a subslice of b.pkts, each to its addr (or to
+	// the peer of a connected conn). It returns how many were sent and the
+	// first error; a datagram the kernel refuses is skipped, not retried.
+	WriteBatch(b *batch, pkts []packet) (sent int, err error)
+	// SetReadDeadline makes a waiting or later ReadBatch fail with
+	// os.ErrDeadlineExceeded at t.
+	SetReadDeadline(t time.Time) error
+	LocalAddr() netip.AddrPort
+	Close() error
+}
+
+// socketOps opens sockets.
+type socketOps interface {
+	// listen opens an unconnected socket bound to addr.
+	listen(addr netip.AddrPort) (conn, error)
+	// dial opens a socket connected to dst, bound to src:0 when src is
+	// valid, else to the kernel's choice.
+	dial(src netip.Addr, dst netip.AddrPort) (conn, error)
+}
+
+// kernelSockets opens real UDP sockets.
+type kernelSockets struct {
+	bufBytes int // SO_RCVBUF/SO_SNDBUF for listeners; ≤ 0 leaves the default
+}
+
+func udpNetwork(a netip.Addr) string {
+	if a.Is4() {
+		return "udp4"
+	}
+	return "udp6"
+}
+
+func (k kernelSockets) listen(addr netip.AddrPort) (conn, error) {
+	uc, err := net.ListenUDP(udpNetwork(addr.Addr()), net.UDPAddrFromAddrPort(addr))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %w", ErrListen, addr, err)
+	}
+	if k.bufBytes > 0 {
+		// Best effort: the kernel caps them at net.core.[rw]mem_max.
+		_ = uc.SetReadBuffer(k.bufBytes)
+		_ = uc.SetWriteBuffer(k.bufBytes)
+	}
+	c, err := newUDPConn(uc, false)
+	if err != nil {
+		uc.Close()
+		return nil, fmt.Errorf("%w: %s: %w", ErrListen, addr, err)
+	}
+	return c, nil
+}
+
+func (k kernelSockets) dial(src netip.Addr, dst netip.AddrPort) (conn, error) {
+	var laddr *net.UDPAddr
+	if src.IsValid() {
+		laddr = net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
+	}
+	uc, err := net.DialUDP(udpNetwork(dst.Addr()), laddr, net.UDPAddrFromAddrPort(dst))
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", dst, err)
+	}
+	c, err := newUDPConn(uc, true)
+	if err != nil {
+		uc.Close()
+		return nil, fmt.Errorf("dial %s: %w", dst, err)
+	}
+	return c, nil
+}
+
+func localAddrPort(uc *net.UDPConn) netip.AddrPort {
+	if a, ok := uc.LocalAddr().(*net.UDPAddr); ok {
+		return a.AddrPort()
+	}
+	return netip.AddrPort{}
+}
