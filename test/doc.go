@@ -3,5 +3,6 @@
 // namespace labs), swan (real strongSwan peers), e2e (ikelbd processes driven
 // over gRPC, in namespaces with real peers) and bench (the benchmark harness).
 //
-// Nothing here is imported by the daemon.
+// Only ikesim is imported outside test/: `ikelbd demo` runs its simulated
+// clients and stand-in servers.
 package test

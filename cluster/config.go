@@ -1,0 +1,193 @@
+package cluster
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/ikelb/ikelb/dataplane"
+)
+
+// Defaults. The raft timers are tuned for about one second of failover on a
+// LAN: a follower notices a dead leader after HeartbeatTimeout plus up to one
+// more of random jitter, then an election takes one round trip.
+const (
+	DefaultRaftBindAddr       = "127.0.0.1:7452"
+	DefaultHeartbeatTimeout   = 500 * time.Millisecond
+	DefaultElectionTimeout    = 500 * time.Millisecond
+	DefaultLeaderLeaseTimeout = 250 * time.Millisecond
+	DefaultCommitTimeout      = 10 * time.Millisecond
+	DefaultSnapshotInterval   = 30 * time.Second
+	DefaultSnapshotThreshold  = 8192
+	DefaultTrailingLogs       = 10240
+	DefaultMaxBatch           = 4096
+	DefaultLinger             = 2 * time.Millisecond
+	DefaultQueueSize          = 65536
+	DefaultMaxInflight        = 16
+	DefaultApplyTimeout       = 5 * time.Second
+)
+
+// Config configures a Node. The zero value of every field but Name and
+// DataDir (or Stores) means its default.
+type Config struct {
+	// Name is the node's Raft server ID; unique in the cluster.
+	Name string
+	// DataDir holds the Raft log, stable store and snapshots when Stores is
+	// nil.
+	DataDir string
+	// RaftBindAddr is the TCP address Raft listens on. Port 0 picks one.
+	RaftBindAddr string
+	// RaftAdvertise is the address other nodes reach this one at; default
+	// the bound address (which must then not be unspecified).
+	RaftAdvertise string
+	// Bootstrap makes a single-voter cluster of this node if it has no Raft
+	// state yet. It is a no-op on a node with state.
+	Bootstrap bool
+	// Logger receives the node's logs and raft's, bridged. Default: discard.
+	Logger *slog.Logger
+	// Table is the committed affinity table, shared with the dataplane. Nil:
+	// the node keeps its own (a witness has no dataplane).
+	Table *dataplane.Table
+	// Stores are the Raft stores. Nil: opened under DataDir with package
+	// persist, and closed on Shutdown.
+	Stores *Stores
+	// HealthChecker builds the leader's health checker; nil disables health
+	// checks (backends keep their committed health).
+	HealthChecker NewHealthChecker
+	// Version is reported in the node status.
+	Version string
+
+	Raft  RaftConfig
+	Batch BatchConfig
+
+	// ApplyTimeout bounds admin writes without a context deadline.
+	ApplyTimeout time.Duration
+	// ExpiryInterval is how often the leader scans for expired affinities.
+	// Zero: min(shortest persistence timeout/10, 10s), at least 1s.
+	ExpiryInterval time.Duration
+	// Now is the clock for proposals and expiry; default time.Now.
+	Now func() time.Time
+}
+
+// RaftConfig holds the raft timers; see hashicorp/raft's Config.
+type RaftConfig struct {
+	HeartbeatTimeout   time.Duration
+	ElectionTimeout    time.Duration
+	LeaderLeaseTimeout time.Duration
+	CommitTimeout      time.Duration
+	SnapshotInterval   time.Duration
+	SnapshotThreshold  uint64
+	TrailingLogs       uint64
+}
+
+// BatchConfig tunes the proposal batcher.
+type BatchConfig struct {
+	// MaxBatch is the most proposals packed into one log entry.
+	MaxBatch int
+	// Linger is how long the batcher waits for more proposals after the
+	// first one of a batch.
+	Linger time.Duration
+	// QueueSize bounds the proposals waiting; more are dropped and counted.
+	QueueSize int
+	// MaxInflight bounds the batches handed to raft and not yet committed.
+	MaxInflight int
+}
+
+// Stores are the three stores raft needs. Close, if set, is called on
+// Shutdown after raft has stopped.
+type Stores struct {
+	Log       raft.LogStore
+	Stable    raft.StableStore
+	Snapshots raft.SnapshotStore
+	Close     func() error
+}
+
+func orDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
+}
+
+// withDefaults returns c with every zero field set to its default.
+func (c Config) withDefaults() Config {
+	orDefault(&c.RaftBindAddr, DefaultRaftBindAddr)
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	orDefault(&c.ApplyTimeout, DefaultApplyTimeout)
+	r := &c.Raft
+	orDefault(&r.HeartbeatTimeout, DefaultHeartbeatTimeout)
+	orDefault(&r.ElectionTimeout, DefaultElectionTimeout)
+	orDefault(&r.LeaderLeaseTimeout, DefaultLeaderLeaseTimeout)
+	orDefault(&r.CommitTimeout, DefaultCommitTimeout)
+	orDefault(&r.SnapshotInterval, DefaultSnapshotInterval)
+	orDefault(&r.SnapshotThreshold, DefaultSnapshotThreshold)
+	orDefault(&r.TrailingLogs, DefaultTrailingLogs)
+	b := &c.Batch
+	orDefault(&b.MaxBatch, DefaultMaxBatch)
+	orDefault(&b.Linger, DefaultLinger)
+	orDefault(&b.QueueSize, DefaultQueueSize)
+	orDefault(&b.MaxInflight, DefaultMaxInflight)
+	return c
+}
+
+// Validate reports the first problem with c (after defaults).
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	var errs []error
+	bad := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf(format, args...))
+	}
+	if c.Name == "" {
+		bad("name: required")
+	}
+	if c.DataDir == "" && c.Stores == nil {
+		bad("data_dir: required when no stores are given")
+	}
+	if c.Stores != nil && (c.Stores.Log == nil || c.Stores.Stable == nil || c.Stores.Snapshots == nil) {
+		bad("stores: log, stable and snapshots are all required")
+	}
+	if _, _, err := net.SplitHostPort(c.RaftBindAddr); err != nil {
+		bad("raft_bind_addr: %v", err)
+	}
+	if c.RaftAdvertise != "" {
+		if _, err := net.ResolveTCPAddr("tcp", c.RaftAdvertise); err != nil {
+			bad("raft_advertise: %v", err)
+		}
+	}
+	r := c.Raft
+	if r.LeaderLeaseTimeout > r.HeartbeatTimeout {
+		bad("raft.leader_lease_timeout %v: must not exceed heartbeat_timeout %v", r.LeaderLeaseTimeout, r.HeartbeatTimeout)
+	}
+	if r.ElectionTimeout < r.HeartbeatTimeout {
+		bad("raft.election_timeout %v: must be at least heartbeat_timeout %v", r.ElectionTimeout, r.HeartbeatTimeout)
+	}
+	if c.Batch.MaxBatch < 0 || c.Batch.QueueSize < 0 || c.Batch.MaxInflight < 0 || c.Batch.Linger < 0 {
+		bad("batch: values must not be negative")
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("cluster config: %w", err)
+	}
+	return nil
+}
+
+func (c Config) raftConfig() *raft.Config {
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(c.Name)
+	rc.HeartbeatTimeout = c.Raft.HeartbeatTimeout
+	rc.ElectionTimeout = c.Raft.ElectionTimeout
+	rc.LeaderLeaseTimeout = c.Raft.LeaderLeaseTimeout
+	rc.CommitTimeout = c.Raft.CommitTimeout
+	rc.SnapshotInterval = c.Raft.SnapshotInterval
+	rc.SnapshotThreshold = c.Raft.SnapshotThreshold
+	rc.TrailingLogs = c.Raft.TrailingLogs
+	rc.Logger = newHCLog(c.Logger, "raft")
+	return rc
+}

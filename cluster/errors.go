@@ -1,0 +1,67 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Errors returned by the FSM, the Node and the admin server. Callers test
+// them with errors.Is; the admin server maps them to gRPC codes in one place,
+// grpcError.
+var (
+	// ErrNotFound: the service, backend or affinity does not exist.
+	ErrNotFound = errors.New("not found")
+	// ErrExists: a service with that name, or a backend with that address,
+	// already exists.
+	ErrExists = errors.New("already exists")
+	// ErrAddrInUse: another service already listens on the VIP and port.
+	ErrAddrInUse = errors.New("address in use")
+	// ErrConflict: a compare-and-set write found another version.
+	ErrConflict = errors.New("version conflict")
+	// ErrNotLeader: the write must go to the Raft leader.
+	ErrNotLeader = errors.New("not the raft leader")
+	// ErrTimeout: the write was not committed in time; it may still be.
+	ErrTimeout = errors.New("timed out")
+	// ErrInvalid: a request or log entry is malformed.
+	ErrInvalid = errors.New("invalid argument")
+	// ErrUnsupported: the dataplane cannot do what was asked.
+	ErrUnsupported = errors.New("not supported")
+	// ErrShutdown: the node is shutting down or not started.
+	ErrShutdown = errors.New("node is shut down")
+)
+
+// grpcError maps an error from this package to a gRPC status error. Errors
+// that already carry a status (from validation) pass through.
+func grpcError(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	var c codes.Code
+	switch {
+	case errors.Is(err, ErrNotFound):
+		c = codes.NotFound
+	case errors.Is(err, ErrExists), errors.Is(err, ErrAddrInUse):
+		c = codes.AlreadyExists
+	case errors.Is(err, ErrConflict):
+		c = codes.Aborted
+	case errors.Is(err, ErrNotLeader), errors.Is(err, ErrShutdown):
+		c = codes.Unavailable
+	case errors.Is(err, ErrTimeout), errors.Is(err, context.DeadlineExceeded):
+		c = codes.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		c = codes.Canceled
+	case errors.Is(err, ErrInvalid):
+		c = codes.InvalidArgument
+	case errors.Is(err, ErrUnsupported):
+		c = codes.FailedPrecondition
+	default:
+		c = codes.Internal
+	}
+	return status.Error(c, err.Error())
+}

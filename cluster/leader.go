@@ -1,0 +1,244 @@
+package cluster
+
+import (
+	"cmp"
+	"context"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/ikelb/ikelb/dataplane"
+	raftlogv1 "github.com/ikelb/ikelb/proto/raftlog/v1"
+)
+
+// runLeadership starts the leader loop when this node becomes the leader
+// and stops it (waiting for it) when leadership is lost or ctx is done.
+func (n *Node) runLeadership(ctx context.Context) {
+	var stop func()
+	defer func() {
+		if stop != nil {
+			stop()
+		}
+	}()
+	leaderCh := n.raft.LeaderCh()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case isLeader := <-leaderCh:
+			switch {
+			case isLeader && stop == nil:
+				n.log.Info("became raft leader")
+				lctx, cancel := context.WithCancel(ctx)
+				done := make(chan struct{})
+				go func() {
+					defer close(done)
+					n.leaderLoop(lctx)
+				}()
+				stop = func() { cancel(); <-done }
+			case !isLeader && stop != nil:
+				n.log.Info("lost raft leadership")
+				stop()
+				stop = nil
+			}
+		}
+	}
+}
+
+// leaderLoop is the leader's work: it makes sure the FSM has applied
+// everything committed by earlier leaders, repairs this node's own address in
+// the Raft configuration, expires idle affinities, and runs the health
+// checker, committing its transitions. Later: membership reconciliation
+// (memberlist/autopilot) belongs here too.
+func (n *Node) leaderLoop(ctx context.Context) {
+	for {
+		err := n.raft.Barrier(n.cfg.ApplyTimeout).Error()
+		if err == nil {
+			break
+		}
+		n.log.Warn("leader barrier failed", "error", err)
+		if ctx.Err() != nil || n.raft.State() != raft.Leader {
+			return
+		}
+	}
+	n.reconcileSelf()
+
+	var (
+		checker HealthChecker
+		hmu     sync.Mutex
+		hq      []HealthTransition
+		hsignal = make(chan struct{}, 1)
+	)
+	if n.cfg.HealthChecker != nil {
+		checker = n.cfg.HealthChecker(func(t HealthTransition) {
+			hmu.Lock()
+			hq = append(hq, t)
+			hmu.Unlock()
+			select {
+			case hsignal <- struct{}{}:
+			default:
+			}
+		})
+		defer checker.Close()
+	}
+
+	expiry := time.NewTimer(0)
+	defer expiry.Stop()
+	services := n.fsm.Services()
+	if checker != nil {
+		checker.Update(healthTargets(n.fsm.ServiceRecords()))
+	}
+	// commitHealth commits the queued transitions; on failure they are
+	// queued again and retried on the next signal or expiry tick.
+	commitHealth := func() {
+		hmu.Lock()
+		batch := hq
+		hq = nil
+		hmu.Unlock()
+		if !n.commitHealth(ctx, batch) {
+			hmu.Lock()
+			hq = append(batch, hq...)
+			hmu.Unlock()
+		}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-n.fsm.changed:
+			services = n.fsm.Services()
+			if checker != nil {
+				checker.Update(healthTargets(n.fsm.ServiceRecords()))
+			}
+		case <-hsignal:
+			commitHealth()
+		case <-expiry.C:
+			commitHealth()
+			n.expire(ctx, services)
+			expiry.Reset(n.expiryInterval(services))
+		}
+	}
+}
+
+// reconcileSelf updates this node's address in the Raft configuration when
+// it restarted on another one (a port-0 test, a changed advertise address).
+// It is idempotent.
+func (n *Node) reconcileSelf() {
+	f := n.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		n.log.Warn("read raft configuration", "error", err)
+		return
+	}
+	self, addr := raft.ServerID(n.cfg.Name), n.transport.LocalAddr()
+	for _, s := range f.Configuration().Servers {
+		if s.ID == self && s.Address != addr && s.Suffrage == raft.Voter {
+			n.log.Info("updating own raft address", "old", string(s.Address), "new", string(addr))
+			if err := n.raft.AddVoter(self, addr, 0, n.cfg.ApplyTimeout).Error(); err != nil {
+				n.log.Warn("update own raft address", "error", err)
+			}
+		}
+	}
+}
+
+// expiryInterval is min(shortest timeout/10, 10s), at least 1s, unless set.
+func (n *Node) expiryInterval(services []dataplane.Service) time.Duration {
+	if n.cfg.ExpiryInterval > 0 {
+		return n.cfg.ExpiryInterval
+	}
+	d := 10 * time.Second
+	for _, s := range services {
+		d = min(d, s.Timeout/10)
+	}
+	return max(d, time.Second)
+}
+
+// expire proposes Expire records, carrying the last-seen observed, for every
+// affinity idle longer than its service's timeout (or whose service is
+// gone). The FSM deletes only those not refreshed in between.
+func (n *Node) expire(ctx context.Context, services []dataplane.Service) {
+	timeout := make(map[uint32]int64, len(services))
+	for _, s := range services {
+		timeout[s.ID] = int64(s.Timeout)
+	}
+	now := n.cfg.Now().UnixNano()
+	var expires []*raftlogv1.Expire
+	n.table.Range(func(k dataplane.ClientKey, e dataplane.Entry) bool {
+		t, ok := timeout[k.Service]
+		if !ok || e.LastSeen+t < now {
+			expires = append(expires, &raftlogv1.Expire{ServiceId: k.Service, Client: clientBytes(k.Client), LastSeenNs: e.LastSeen})
+		}
+		return true
+	})
+	var deleted uint64
+	for chunk := range slices.Chunk(expires, max(n.cfg.Batch.MaxBatch, 1)) {
+		r, err := n.applyEntry(ctx, entryAffinityBatch, &raftlogv1.AffinityBatch{Expires: chunk})
+		if err != nil {
+			n.log.Warn("propose affinity expiry", "entries", len(chunk), "error", err)
+			return
+		}
+		deleted += r.deleted
+	}
+	if len(expires) > 0 {
+		n.log.Debug("expired affinities", "proposed", len(expires), "deleted", deleted)
+	}
+}
+
+// healthTargets lists the backends to probe: every backend of every service
+// whose check type is not NONE.
+// Check parameters left zero get the admin API's defaults.
+func healthTargets(recs []*raftlogv1.ServiceRecord) []HealthTarget {
+	var out []HealthTarget
+	for _, r := range recs {
+		hc := r.GetHealthCheck()
+		t := HealthCheckType(hc.GetType())
+		if t == 0 {
+			t = HealthCheckICMP
+		}
+		if t == HealthCheckNone {
+			continue
+		}
+		for _, b := range r.GetBackends() {
+			a, ok := addrFromBytes(b.GetAddr())
+			if !ok || !a.IsValid() {
+				continue
+			}
+			out = append(out, HealthTarget{
+				Service:  r.GetId(),
+				Backend:  b.GetId(),
+				Addr:     a,
+				Type:     t,
+				Interval: cmp.Or(time.Duration(hc.GetIntervalNs()), defaultCheckInterval),
+				Timeout:  cmp.Or(time.Duration(hc.GetTimeoutNs()), defaultCheckTimeout),
+				Rise:     cmp.Or(hc.GetRise(), defaultCheckRise),
+				Fall:     cmp.Or(hc.GetFall(), defaultCheckFall),
+				Port:     uint16(cmp.Or(hc.GetPort(), defaultCheckPort)),
+			})
+		}
+	}
+	return out
+}
+
+// commitHealth commits health transitions as one HealthBatch and reports
+// whether it did.
+func (n *Node) commitHealth(ctx context.Context, ts []HealthTransition) bool {
+	if len(ts) == 0 {
+		return true
+	}
+	b := &raftlogv1.HealthBatch{}
+	n.mu.Lock()
+	for _, t := range ts {
+		h := uint32(2) // BACKEND_HEALTH_DOWN
+		if t.Up {
+			h = 1
+		}
+		b.Changes = append(b.Changes, &raftlogv1.HealthChange{ServiceId: t.Service, BackendId: t.Backend, Health: h, AtNs: t.At.UnixNano()})
+		n.probeError[backendKey{t.Service, t.Backend}] = t.Err
+	}
+	n.mu.Unlock()
+	if _, err := n.applyEntry(ctx, entryHealthBatch, b); err != nil {
+		n.log.Warn("commit health transitions", "changes", len(b.Changes), "error", err)
+		return false
+	}
+	return true
+}

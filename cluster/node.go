@@ -1,0 +1,361 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/ikelb/ikelb/dataplane"
+	raftlogv1 "github.com/ikelb/ikelb/proto/raftlog/v1"
+	"google.golang.org/protobuf/proto"
+)
+
+// Node is one ikelb cluster member: the Raft instance with its FSM, the
+// proposal batcher, the goroutine that hands committed services to the
+// dataplane, and the leader loop. Create it with New, then Start; Shutdown
+// stops it and waits for every goroutine it started.
+type Node struct {
+	// Set once by New.
+	cfg     Config
+	log     *slog.Logger
+	fsm     *FSM
+	table   *dataplane.Table
+	batcher *batcher
+
+	// Set once by Start.
+	dp        Dataplane
+	raft      *raft.Raft
+	transport *raft.NetworkTransport
+	stores    Stores
+	started   time.Time
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+
+	mu sync.Mutex
+	// mu guards the following.
+	state      nodeState
+	probeError map[backendKey]string // last probe error per backend, from the leader's checker
+}
+
+type nodeState uint8
+
+const (
+	stateNew nodeState = iota
+	stateRunning
+	stateShutdown
+)
+
+// New checks cfg and returns a Node that is not started yet. Its Proposer
+// can be handed to the dataplane before Start; proposals wait in its queue.
+func New(cfg Config) (*Node, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	table := cfg.Table
+	if table == nil {
+		table = dataplane.NewTable()
+	}
+	log := cfg.Logger.With("node", cfg.Name)
+	n := &Node{
+		cfg:        cfg,
+		log:        log,
+		table:      table,
+		fsm:        newFSM(table, log),
+		probeError: map[backendKey]string{},
+	}
+	n.batcher = newBatcher(cfg.Batch)
+	return n, nil
+}
+
+// Start opens the stores and the Raft transport, starts Raft (bootstrapping
+// a single-voter cluster if so configured and there is no state), and starts
+// the node's goroutines. dp receives every committed service set; nil on a
+// witness.
+func (n *Node) Start(dp Dataplane) (err error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.state != stateNew {
+		return fmt.Errorf("start: %w", ErrShutdown)
+	}
+	n.dp = dp
+	closers := []func() error{}
+	defer func() {
+		if err != nil {
+			for i := len(closers) - 1; i >= 0; i-- {
+				_ = closers[i]()
+			}
+		}
+	}()
+
+	if n.cfg.Stores != nil {
+		n.stores = *n.cfg.Stores
+	} else {
+		s, err := openStores(n.cfg)
+		if err != nil {
+			return fmt.Errorf("open raft stores in %s: %w", n.cfg.DataDir, err)
+		}
+		n.stores = s
+	}
+	if n.stores.Close != nil {
+		closers = append(closers, n.stores.Close)
+	}
+
+	var advertise net.Addr
+	if n.cfg.RaftAdvertise != "" {
+		a, err := net.ResolveTCPAddr("tcp", n.cfg.RaftAdvertise)
+		if err != nil {
+			return fmt.Errorf("raft advertise address: %w", err)
+		}
+		advertise = a
+	}
+	tr, err := raft.NewTCPTransportWithConfig(n.cfg.RaftBindAddr, advertise, &raft.NetworkTransportConfig{
+		Logger:  newHCLog(n.log, "raft-net"),
+		MaxPool: 3,
+		Timeout: 10 * time.Second,
+	})
+	if err != nil {
+		return fmt.Errorf("raft transport on %s: %w", n.cfg.RaftBindAddr, err)
+	}
+	n.transport = tr
+	closers = append(closers, tr.Close)
+
+	rc := n.cfg.raftConfig()
+	if n.cfg.Bootstrap {
+		has, err := raft.HasExistingState(n.stores.Log, n.stores.Stable, n.stores.Snapshots)
+		if err != nil {
+			return fmt.Errorf("check raft state: %w", err)
+		}
+		if !has {
+			cfg := raft.Configuration{Servers: []raft.Server{{
+				Suffrage: raft.Voter, ID: rc.LocalID, Address: tr.LocalAddr(),
+			}}}
+			if err := raft.BootstrapCluster(rc, n.stores.Log, n.stores.Stable, n.stores.Snapshots, tr, cfg); err != nil {
+				return fmt.Errorf("bootstrap: %w", err)
+			}
+			n.log.Info("bootstrapped single-voter cluster", "raft_addr", string(tr.LocalAddr()))
+		}
+	}
+	r, err := raft.NewRaft(rc, n.fsm, n.stores.Log, n.stores.Stable, n.stores.Snapshots, tr)
+	if err != nil {
+		return fmt.Errorf("start raft: %w", err)
+	}
+	n.raft = r
+	n.started = time.Now()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	n.cancel = cancel
+	n.goroutine(func() { n.runDataplaneUpdates(ctx) })
+	n.goroutine(func() { n.batcher.run(ctx, n) })
+	n.goroutine(func() { n.runLeadership(ctx) })
+	n.state = stateRunning
+	n.log.Info("node started", "raft_addr", string(tr.LocalAddr()), "data_dir", n.cfg.DataDir)
+	return nil
+}
+
+// goroutine runs fn on a goroutine that Shutdown waits for.
+func (n *Node) goroutine(fn func()) {
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		fn()
+	}()
+}
+
+// tryGoroutine is goroutine for callers that may race Shutdown: it starts
+// nothing and returns false once Shutdown has begun.
+func (n *Node) tryGoroutine(fn func()) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.state != stateRunning {
+		return false
+	}
+	n.goroutine(fn)
+	return true
+}
+
+// Shutdown stops the node: the leader loop and batcher, then Raft, then the
+// transport and stores. It waits for every goroutine the node started and is
+// safe to call more than once.
+func (n *Node) Shutdown() error {
+	n.mu.Lock()
+	if n.state != stateRunning {
+		n.state = stateShutdown
+		n.mu.Unlock()
+		return nil
+	}
+	n.state = stateShutdown
+	n.mu.Unlock()
+
+	n.cancel()
+	var errs []error
+	if err := n.raft.Shutdown().Error(); err != nil {
+		errs = append(errs, fmt.Errorf("raft shutdown: %w", err))
+	}
+	n.wg.Wait()
+	if err := n.transport.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close raft transport: %w", err))
+	}
+	if n.stores.Close != nil {
+		if err := n.stores.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close raft stores: %w", err))
+		}
+	}
+	n.log.Info("node stopped")
+	return errors.Join(errs...)
+}
+
+// running reports whether Start succeeded and Shutdown was not called.
+func (n *Node) running() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.state == stateRunning
+}
+
+// runDataplaneUpdates hands every committed service set to the dataplane,
+// off raft's FSM goroutine.
+func (n *Node) runDataplaneUpdates(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case set := <-n.fsm.Updates():
+			if n.dp == nil {
+				continue
+			}
+			if err := n.dp.SetServices(set); err != nil {
+				n.log.Error("dataplane rejected the committed services", "services", len(set), "error", err)
+			}
+		}
+	}
+}
+
+// Proposer returns the batcher the dataplane proposes binds and touches to.
+// Propose never blocks.
+func (n *Node) Proposer() dataplane.Proposer { return n.batcher }
+
+// Table returns the committed affinity table.
+func (n *Node) Table() *dataplane.Table { return n.table }
+
+// FSM returns the replicated state, for read access.
+func (n *Node) FSM() *FSM { return n.fsm }
+
+// Name returns the node's name (its Raft server ID).
+func (n *Node) Name() string { return n.cfg.Name }
+
+// RaftAddr returns the address the Raft transport is reachable at.
+func (n *Node) RaftAddr() string { return string(n.transport.LocalAddr()) }
+
+// IsLeader reports whether this node is the Raft leader.
+func (n *Node) IsLeader() bool { return n.running() && n.raft.State() == raft.Leader }
+
+// notLeaderError names the leader, if one is known, so that a client can go
+// there (forwarding to the leader comes with multi-node support).
+func (n *Node) notLeaderError() error {
+	addr, id := n.raft.LeaderWithID()
+	if addr == "" {
+		return fmt.Errorf("%w: no leader is known", ErrNotLeader)
+	}
+	return fmt.Errorf("%w: the leader is %s at %s", ErrNotLeader, id, addr)
+}
+
+// raftError maps raft's errors to this package's.
+func (n *Node) raftError(err error) error {
+	switch {
+	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipLost),
+		errors.Is(err, raft.ErrLeadershipTransferInProgress), errors.Is(err, raft.ErrAbortedByRestore):
+		return fmt.Errorf("%w (%v)", n.notLeaderError(), err)
+	case errors.Is(err, raft.ErrEnqueueTimeout):
+		return fmt.Errorf("%w: %v", ErrTimeout, err)
+	case errors.Is(err, raft.ErrRaftShutdown):
+		return fmt.Errorf("%w: %v", ErrShutdown, err)
+	}
+	return err
+}
+
+// applier commits log entries. The Node implements it for the leader; a
+// follower will forward to the leader through another implementation.
+type applier interface {
+	applyEntry(ctx context.Context, t entryType, m proto.Message) (applyResult, error)
+}
+
+var _ applier = (*Node)(nil)
+
+// applyEntry commits one entry and returns what Apply returned. It fails
+// with ErrNotLeader on a follower, and with ErrTimeout when ctx (or, without
+// a deadline, ApplyTimeout) runs out first: the entry may still commit.
+func (n *Node) applyEntry(ctx context.Context, t entryType, m proto.Message) (applyResult, error) {
+	if !n.running() {
+		return applyResult{}, ErrShutdown
+	}
+	if n.raft.State() != raft.Leader {
+		return applyResult{}, n.notLeaderError()
+	}
+	data, err := encodeEntry(t, m)
+	if err != nil {
+		return applyResult{}, err
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+		defer cancel()
+	}
+	deadline, _ := ctx.Deadline()
+	f := n.raft.Apply(data, time.Until(deadline))
+	done := make(chan error, 1)
+	// The future resolves when the entry is applied, fails, or raft shuts
+	// down; Shutdown waits for this goroutine.
+	if !n.tryGoroutine(func() { done <- f.Error() }) {
+		return applyResult{}, ErrShutdown
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			return applyResult{}, n.raftError(err)
+		}
+	case <-ctx.Done():
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return applyResult{}, fmt.Errorf("%v entry not applied in time, it may still be: %w", t, ErrTimeout)
+		}
+		return applyResult{}, ctx.Err()
+	}
+	switch r := f.Response().(type) {
+	case error:
+		return applyResult{}, r
+	case applyResult:
+		return r, nil
+	}
+	return applyResult{}, nil
+}
+
+// submitBatch hands an affinity batch to raft without waiting. On a node
+// that is not the leader the batch is dropped and counted: forwarding to the
+// leader comes with multi-node support.
+func (n *Node) submitBatch(b *raftlogv1.AffinityBatch, proposals int) (raft.ApplyFuture, bool) {
+	if n.raft.State() != raft.Leader {
+		n.batcher.notLeader.Add(uint64(proposals))
+		return nil, false
+	}
+	data, err := encodeEntry(entryAffinityBatch, b)
+	if err != nil {
+		n.log.Error("encode affinity batch", "error", err)
+		n.batcher.failed.Add(1)
+		return nil, false
+	}
+	n.batcher.proposed.Add(uint64(proposals))
+	n.batcher.batches.Add(1)
+	return n.raft.Apply(data, n.cfg.ApplyTimeout), true
+}
+
+// probeErrorOf returns the last probe error the leader's checker reported
+// for a backend ("" if none, or on a follower).
+func (n *Node) probeErrorOf(service, backend uint32) string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.probeError[backendKey{service, backend}]
+}

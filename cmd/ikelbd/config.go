@@ -1,0 +1,217 @@
+package main
+
+import (
+	"bytes"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/ikelb/ikelb/cmd/internal/spec"
+)
+
+// defaultConfigYAML is what ikelbd runs on when started without --config:
+// one node, data in ./ikelb-data, admin API on 127.0.0.1:7450.
+//
+//go:embed default.yaml
+var defaultConfigYAML []byte
+
+// Config is ikelbd's configuration file. Every field has a default (see
+// default.yaml); Validate names the offending field on error.
+type Config struct {
+	// Node is this node's name, unique in the cluster; default: the hostname.
+	Node string `yaml:"node"`
+	// DataDir holds the Raft log, stable store and snapshots.
+	DataDir string `yaml:"data_dir"`
+	// AdminAddress is the gRPC admin API's listen address.
+	AdminAddress string `yaml:"admin_address"`
+	// MetricsAddress serves Prometheus metrics on /metrics and readiness on
+	// /readyz over HTTP; empty disables it.
+	MetricsAddress string `yaml:"metrics_address"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `yaml:"log_level"`
+
+	Raft    RaftConfig    `yaml:"raft"`
+	Cluster ClusterConfig `yaml:"cluster"`
+
+	// Services are created at start when no service of that name exists yet;
+	// afterwards the replicated state (driven by the admin API) is the truth.
+	Services []spec.Service `yaml:"services"`
+}
+
+// RaftConfig are the consensus settings. The defaults give a failover of
+// about a second on a LAN; see README "Tunables".
+type RaftConfig struct {
+	BindAddress      string        `yaml:"bind_address"`
+	AdvertiseAddress string        `yaml:"advertise_address"`
+	HeartbeatTimeout time.Duration `yaml:"heartbeat_timeout"`
+	ElectionTimeout  time.Duration `yaml:"election_timeout"`
+	LeaderLease      time.Duration `yaml:"leader_lease_timeout"`
+	CommitTimeout    time.Duration `yaml:"commit_timeout"`
+	SnapshotInterval time.Duration `yaml:"snapshot_interval"`
+	SnapshotEntries  uint64        `yaml:"snapshot_threshold"`
+	TrailingLogs     uint64        `yaml:"trailing_logs"`
+	// Proposal batching from the packet path into Raft entries.
+	BatchMax    int           `yaml:"batch_max"`
+	BatchLinger time.Duration `yaml:"batch_linger"`
+	QueueSize   int           `yaml:"queue_size"`
+}
+
+// ClusterConfig are the membership settings (several nodes).
+type ClusterConfig struct {
+	// Role is "voter" (a Raft voter with a dataplane) or "witness" (a voter
+	// without a dataplane, to keep quorum for an HA pair).
+	Role string `yaml:"role"`
+	// GossipAddress is memberlist's bind address; empty: single node.
+	GossipAddress string `yaml:"gossip_address"`
+	// Join lists any members' gossip addresses to join at start.
+	Join []string `yaml:"join"`
+	// EncryptKey is an optional base64 AES key (16, 24 or 32 bytes) for gossip.
+	EncryptKey string `yaml:"encrypt_key"`
+	// DeadServerTimeout: how long a failed member stays a Raft voter before
+	// the leader removes it.
+	DeadServerTimeout time.Duration `yaml:"dead_server_timeout"`
+}
+
+// LoadConfig reads the embedded default, then overlays FILE if given.
+func LoadConfig(path string) (*Config, error) {
+	var cfg Config
+	if err := decodeStrict(defaultConfigYAML, &cfg); err != nil {
+		return nil, fmt.Errorf("embedded default config: %w", err)
+	}
+	if path != "" {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("config: %w", err)
+		}
+		if err := decodeStrict(data, &cfg); err != nil {
+			return nil, fmt.Errorf("config %s: %w", path, err)
+		}
+	}
+	if cfg.Node == "" {
+		h, err := os.Hostname()
+		if err != nil || h == "" {
+			h = "ikelb-1"
+		}
+		cfg.Node = h
+	}
+	if err := cfg.Validate(); err != nil {
+		if path == "" {
+			path = "embedded default"
+		}
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return &cfg, nil
+}
+
+func decodeStrict(data []byte, v any) error {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	return nil
+}
+
+// Validate checks every field and names the first bad one.
+func (c *Config) Validate() error {
+	if strings.TrimSpace(c.Node) == "" || strings.ContainsAny(c.Node, " \t\n/") {
+		return fmt.Errorf("node: %q is not a valid node name", c.Node)
+	}
+	if c.DataDir == "" {
+		return errors.New("data_dir: must be set")
+	}
+	if err := checkHostPort("admin_address", c.AdminAddress, false); err != nil {
+		return err
+	}
+	if err := checkHostPort("metrics_address", c.MetricsAddress, true); err != nil {
+		return err
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("log_level: %q is not one of debug, info, warn, error", c.LogLevel)
+	}
+	if err := checkHostPort("raft.bind_address", c.Raft.BindAddress, false); err != nil {
+		return err
+	}
+	if err := checkHostPort("raft.advertise_address", c.Raft.AdvertiseAddress, true); err != nil {
+		return err
+	}
+	if c.Raft.AdvertiseAddress == "" {
+		if ap, err := netip.ParseAddrPort(c.Raft.BindAddress); err == nil && ap.Addr().IsUnspecified() {
+			return fmt.Errorf("raft.advertise_address: must be set when raft.bind_address %q is a wildcard", c.Raft.BindAddress)
+		}
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"raft.heartbeat_timeout", c.Raft.HeartbeatTimeout},
+		{"raft.election_timeout", c.Raft.ElectionTimeout},
+		{"raft.leader_lease_timeout", c.Raft.LeaderLease},
+		{"raft.commit_timeout", c.Raft.CommitTimeout},
+		{"raft.snapshot_interval", c.Raft.SnapshotInterval},
+		{"raft.batch_linger", c.Raft.BatchLinger},
+	} {
+		if d.v <= 0 {
+			return fmt.Errorf("%s: must be a positive duration, got %v", d.name, d.v)
+		}
+	}
+	if c.Raft.LeaderLease > c.Raft.HeartbeatTimeout {
+		return fmt.Errorf("raft.leader_lease_timeout: %v must not exceed raft.heartbeat_timeout %v", c.Raft.LeaderLease, c.Raft.HeartbeatTimeout)
+	}
+	if c.Raft.BatchMax < 1 || c.Raft.BatchMax > 65536 {
+		return fmt.Errorf("raft.batch_max: must be 1..65536, got %d", c.Raft.BatchMax)
+	}
+	if c.Raft.QueueSize < c.Raft.BatchMax {
+		return fmt.Errorf("raft.queue_size: must be at least raft.batch_max (%d), got %d", c.Raft.BatchMax, c.Raft.QueueSize)
+	}
+	switch c.Cluster.Role {
+	case "voter", "witness":
+	default:
+		return fmt.Errorf("cluster.role: %q is not one of voter, witness", c.Cluster.Role)
+	}
+	if err := checkHostPort("cluster.gossip_address", c.Cluster.GossipAddress, true); err != nil {
+		return err
+	}
+	for i, j := range c.Cluster.Join {
+		if _, _, err := net.SplitHostPort(j); err != nil {
+			return fmt.Errorf("cluster.join[%d]: %q is not host:port", i, j)
+		}
+	}
+	if c.Cluster.DeadServerTimeout <= 0 {
+		return fmt.Errorf("cluster.dead_server_timeout: must be a positive duration, got %v", c.Cluster.DeadServerTimeout)
+	}
+	// spec's messages already carry the services[i]… path and line.
+	return spec.Validate(c.Services)
+}
+
+func checkHostPort(field, v string, optional bool) error {
+	if v == "" {
+		if optional {
+			return nil
+		}
+		return fmt.Errorf("%s: must be set (host:port)", field)
+	}
+	host, port, err := net.SplitHostPort(v)
+	if err != nil {
+		return fmt.Errorf("%s: %q is not host:port", field, v)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return fmt.Errorf("%s: %q: host must be an IP address", field, v)
+		}
+	}
+	if _, err := net.LookupPort("tcp", port); err != nil {
+		return fmt.Errorf("%s: %q: bad port", field, v)
+	}
+	return nil
+}

@@ -1,0 +1,258 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/ikelb/ikelb/cluster"
+	"github.com/ikelb/ikelb/cmd/internal/spec"
+	"github.com/ikelb/ikelb/dataplane"
+	ikelbv1 "github.com/ikelb/ikelb/proto/ikelb/v1"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+// daemon is one running node: Raft, the dataplane, the admin API and the
+// metrics endpoint. Close stops them in reverse order.
+type daemon struct {
+	log    *slog.Logger
+	node   *cluster.Node
+	engine *dataplane.Engine // nil on a witness
+	grpc   *grpc.Server
+	health *health.Server
+	http   *http.Server
+
+	// AdminAddr and MetricsAddr are the bound addresses (useful with port 0).
+	AdminAddr   net.Addr
+	MetricsAddr net.Addr
+
+	wg     sync.WaitGroup
+	cancel context.CancelFunc
+}
+
+func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (d *daemon, err error) {
+	logger = logger.With("node", cfg.Node)
+	d = &daemon{log: logger}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	table := dataplane.NewTable()
+	node, err := cluster.New(cluster.Config{
+		Name:          cfg.Node,
+		DataDir:       cfg.DataDir,
+		RaftBindAddr:  cfg.Raft.BindAddress,
+		RaftAdvertise: cfg.Raft.AdvertiseAddress,
+		Bootstrap:     cfg.Cluster.GossipAddress == "",
+		Logger:        logger,
+		Table:         table,
+		HealthChecker: cluster.NewProbeChecker(logger),
+		Version:       version,
+		Raft: cluster.RaftConfig{
+			HeartbeatTimeout:   cfg.Raft.HeartbeatTimeout,
+			ElectionTimeout:    cfg.Raft.ElectionTimeout,
+			LeaderLeaseTimeout: cfg.Raft.LeaderLease,
+			CommitTimeout:      cfg.Raft.CommitTimeout,
+			SnapshotInterval:   cfg.Raft.SnapshotInterval,
+			SnapshotThreshold:  cfg.Raft.SnapshotEntries,
+			TrailingLogs:       cfg.Raft.TrailingLogs,
+		},
+		Batch: cluster.BatchConfig{
+			MaxBatch:  cfg.Raft.BatchMax,
+			Linger:    cfg.Raft.BatchLinger,
+			QueueSize: cfg.Raft.QueueSize,
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	var dp cluster.Dataplane
+	if cfg.Cluster.Role != "witness" {
+		engine, err := dataplane.New(dataplane.Config{Logger: logger, Table: table, Proposer: node.Proposer()})
+		if err != nil {
+			return nil, fmt.Errorf("dataplane: %w", err)
+		}
+		d.engine, dp = engine, engine
+	}
+	if err := node.Start(dp); err != nil {
+		return nil, err
+	}
+	d.node = node
+
+	lis, err := net.Listen("tcp", cfg.AdminAddress)
+	if err != nil {
+		return nil, fmt.Errorf("admin_address: %w", err)
+	}
+	d.AdminAddr = lis.Addr()
+	d.grpc = grpc.NewServer()
+	ikelbv1.RegisterAdminServiceServer(d.grpc, cluster.NewAdminServer(node))
+	d.health = health.NewServer()
+	healthpb.RegisterHealthServer(d.grpc, d.health)
+	reflection.Register(d.grpc)
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		if err := d.grpc.Serve(lis); err != nil {
+			logger.Error("admin server stopped", "err", err)
+		}
+	}()
+	logger.Info("admin API listening", "addr", d.AdminAddr.String())
+
+	if cfg.MetricsAddress != "" {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), cluster.NewCollector(node))
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.HandleFunc("/readyz", d.readyz)
+		ml, err := net.Listen("tcp", cfg.MetricsAddress)
+		if err != nil {
+			return nil, fmt.Errorf("metrics_address: %w", err)
+		}
+		d.MetricsAddr = ml.Addr()
+		d.http = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := d.http.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				logger.Error("metrics server stopped", "err", err)
+			}
+		}()
+		logger.Info("metrics listening", "addr", d.MetricsAddr.String())
+	}
+
+	bg, cancel := context.WithCancel(context.Background())
+	d.cancel = cancel
+	if len(cfg.Services) > 0 {
+		svcs, err := spec.ToProto(cfg.Services)
+		if err != nil {
+			return nil, err
+		}
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			d.createInitialServices(bg, svcs)
+		}()
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		d.trackServing(bg)
+	}()
+	return d, nil
+}
+
+// createInitialServices creates the config file's services that the
+// replicated state does not have yet, once this node can write.
+func (d *daemon) createInitialServices(ctx context.Context, svcs []*ikelbv1.Service) {
+	admin := cluster.NewAdminServer(d.node)
+	for _, s := range svcs {
+		for {
+			_, err := admin.CreateService(ctx, &ikelbv1.CreateServiceRequest{Service: s})
+			if err == nil {
+				d.log.Info("created service from config", "service", s.GetName())
+				break
+			}
+			switch status.Code(err) {
+			case codes.AlreadyExists:
+				d.log.Info("service from config already exists; the replicated state wins", "service", s.GetName())
+			case codes.InvalidArgument, codes.FailedPrecondition:
+				d.log.Error("service in config rejected", "service", s.GetName(), "err", err)
+			default:
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(200 * time.Millisecond):
+				}
+				continue
+			}
+			break
+		}
+	}
+}
+
+// trackServing keeps grpc.health.v1's overall status in step with whether
+// this node can serve.
+func (d *daemon) trackServing(ctx context.Context) {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		st := healthpb.HealthCheckResponse_SERVING
+		if ok, _ := d.ready(); !ok {
+			st = healthpb.HealthCheckResponse_NOT_SERVING
+		}
+		d.health.SetServingStatus("", st)
+		d.health.SetServingStatus(ikelbv1.AdminService_ServiceDesc.ServiceName, st)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// ready says whether this node can serve clients: it has a leader (or, if
+// degraded, at least a committed table to forward by) and its dataplane runs.
+func (d *daemon) ready() (bool, string) {
+	st := d.node.Status()
+	if st.Degraded {
+		return false, "degraded: no raft leader reachable"
+	}
+	return true, "ok"
+}
+
+func (d *daemon) readyz(w http.ResponseWriter, _ *http.Request) {
+	ok, why := d.ready()
+	if !ok {
+		http.Error(w, why, http.StatusServiceUnavailable)
+		return
+	}
+	fmt.Fprintln(w, why)
+}
+
+// Close stops everything and waits for it.
+func (d *daemon) Close() error {
+	if d.cancel != nil {
+		d.cancel()
+	}
+	if d.grpc != nil {
+		stopped := make(chan struct{})
+		go func() { d.grpc.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(3 * time.Second):
+			d.grpc.Stop()
+		}
+	}
+	if d.http != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		_ = d.http.Shutdown(ctx)
+		cancel()
+	}
+	var errs []error
+	if d.node != nil {
+		errs = append(errs, d.node.Shutdown())
+	}
+	if d.engine != nil {
+		errs = append(errs, d.engine.Close())
+	}
+	d.wg.Wait()
+	return errors.Join(errs...)
+}
