@@ -492,4 +492,3 @@ func freeUDPPorts(n int, ips ...string) ([]int, error) {
 	}
 	return ports, nil
 }
-
