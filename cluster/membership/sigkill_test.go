@@ -62,8 +62,8 @@ func TestSIGKILLedMember(t *testing.T) {
 		tunables Tunables
 		bound    time.Duration
 	}{
-		// Default: expected 1–2 s; the bound leaves room for -race on a
-		// shared machine without hiding a return to memberlist's 5–8 s.
+		// Default: about 1 s; the bound leaves room for -race on a shared
+		// machine without hiding a return to memberlist's LAN profile (5.8 s).
 		{"default", Tunables{}, 4 * time.Second},
 		{"fast", fastTunables, 3 * time.Second},
 	} {
