@@ -9,7 +9,7 @@ import (
 )
 
 // capturePath is real strongSwan IKEv2 NAT-T traffic (see its README.md).
-const capturePath = "/work/shared/captures/ikev2-strongswan-natt.pcap"
+const capturePath = "../test/testdata/ikev2-strongswan-natt.pcap"
 
 // capturedDatagram is one UDP datagram from a pcap file.
 type capturedDatagram struct {

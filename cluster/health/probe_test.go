@@ -187,7 +187,7 @@ func TestProbeIKE(t *testing.T) {
 // TestCheckSAInitResponseCapture runs the response check on the real
 // strongSwan IKE_SA_INIT responses in the shared capture.
 func TestCheckSAInitResponseCapture(t *testing.T) {
-	const path = "../../../shared/captures/ikev2-strongswan-natt.pcap"
+	const path = "../../test/testdata/ikev2-strongswan-natt.pcap"
 	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Skipf("capture not available: %v", err)

@@ -63,7 +63,7 @@ func TestParseStrict(t *testing.T) {
 
 // TestParseCapture parses every IKE message in the real strongSwan capture.
 func TestParseCapture(t *testing.T) {
-	data, err := os.ReadFile("../../../shared/captures/ikev2-strongswan-natt.pcap")
+	data, err := os.ReadFile("../testdata/ikev2-strongswan-natt.pcap")
 	if err != nil {
 		t.Skipf("capture not available: %v", err)
 	}
