@@ -1,0 +1,179 @@
+package bench
+
+import (
+	"context"
+	"flag"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ikelb/ikelb/test/bench/loadgen"
+)
+
+var (
+	suite    = flag.String("suite", "", "benchmark suite to run: forwarding (needs root; about 5 minutes)")
+	out      = flag.String("out", "forwarding-results.json", "file for the JSON results of -suite")
+	targets  = flag.String("targets", "", "comma-separated subset of targets: routing,nftables,nginx,ikelb-nat,ikelb-transparent")
+	sizes    = flag.String("sizes", "", "comma-separated datagram sizes (default 64,1400)")
+	duration = flag.Duration("duration", 0, "length of each rate run (default 2s)")
+	repeats  = flag.Int("repeats", 0, "rate runs per target and size (default 3)")
+	count    = flag.String("count", CountKernel, "where load is counted at the backends: kernel (nft counter) or socket (recvmmsg sink)")
+)
+
+func TestMain(m *testing.M) {
+	if code, ok := HelperMain(); ok {
+		os.Exit(code)
+	}
+	os.Exit(m.Run())
+}
+
+func helper(t *testing.T) string {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return exe
+}
+
+// TestForwarding is the forwarding suite of issue 5. It runs only when asked:
+//
+//	sudo go test ./test/bench -run TestForwarding -v -count=1 -timeout 20m -suite=forwarding
+func TestForwarding(t *testing.T) {
+	if *suite != "forwarding" {
+		t.Skip("run with -suite=forwarding (root; about 5 minutes)")
+	}
+	started := time.Now()
+	env := NewEnv(t, helper(t), 3, *count)
+	cfg := DefaultForwarding(BuildIkelbd(t.TempDir(), 5*time.Minute))
+	if *targets != "" {
+		want := map[string]bool{}
+		for _, n := range strings.Split(*targets, ",") {
+			want[strings.TrimSpace(n)] = true
+		}
+		keep := cfg.Targets[:1] // routing is always measured: the latency baseline
+		for _, tg := range cfg.Targets[1:] {
+			if want[shortName(tg)] {
+				keep = append(keep, tg)
+			}
+		}
+		cfg.Targets = keep
+	}
+	if *sizes != "" {
+		cfg.Sizes = nil
+		for _, s := range strings.Split(*sizes, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(s))
+			if err != nil {
+				t.Fatalf("-sizes: %v", err)
+			}
+			cfg.Sizes = append(cfg.Sizes, n)
+		}
+	}
+	if *duration > 0 {
+		cfg.Duration = *duration
+	}
+	if *repeats > 0 {
+		cfg.Repeats = *repeats
+	}
+	// Build before measuring, so the compiler does not share the CPUs
+	// with a measurement.
+	for _, tg := range cfg.Targets {
+		if k, ok := tg.(*Ikelb); ok {
+			if _, err := k.Binary(); err != nil {
+				t.Logf("bench: ikelbd: %v", err)
+			}
+			break
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	results, err := RunForwarding(ctx, env, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep := &Report{Suite: "forwarding", Started: started, Took: time.Since(started), Machine: ThisMachine(env), Clients: cfg.Clients, Results: results}
+	if err := rep.WriteTable(os.Stdout); err != nil {
+		t.Fatal(err)
+	}
+	if *out != "" {
+		if err := rep.WriteJSON(*out); err != nil {
+			t.Fatal(err)
+		}
+		abs, _ := filepath.Abs(*out)
+		t.Logf("bench: results written to %s", abs)
+	}
+}
+
+func shortName(t Target) string {
+	switch t := t.(type) {
+	case NFTables:
+		return "nftables"
+	case *Nginx:
+		return "nginx"
+	case *Ikelb:
+		return "ikelb-" + t.Mode
+	}
+	return "routing"
+}
+
+// TestForwardingSmoke runs the harness end to end on the kernel targets with
+// short runs: traffic must reach the backends through routing and through
+// nftables, spread over all three backends by nftables, and probes must come
+// back.
+func TestForwardingSmoke(t *testing.T) {
+	env := NewEnv(t, helper(t), 3, CountSocket)
+	cfg := ForwardingConfig{
+		Targets: []Target{Routing{}, NFTables{}},
+		Sizes:   []int{64}, Clients: 64,
+		Duration: 300 * time.Millisecond, Repeats: 1, Warmup: 100 * time.Millisecond,
+		LatencyDuration: 300 * time.Millisecond, Probes: 4, ProbeRate: 500,
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	results, err := RunForwarding(ctx, env, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(results) != 2 {
+		t.Fatalf("got %d results, want 2", len(results))
+	}
+	for _, r := range results {
+		if !r.Available || r.RxPPS <= 0 || r.Loss > 0.5 {
+			t.Errorf("%s: available %v, %.0f pps, loss %.2f: %s", r.Target, r.Available, r.RxPPS, r.Loss, r.Reason)
+		}
+		if r.Latency.Echoed == 0 || r.Latency.P99us <= 0 {
+			t.Errorf("%s: no probe came back: %+v", r.Target, r.Latency)
+		}
+	}
+	if results[1].VsNFT != 1 {
+		t.Errorf("nftables vs itself = %v, want 1", results[1].VsNFT)
+	}
+	// nftables' source hash spreads the clients over all three backends.
+	nft := NFTables{}
+	dst, err := nft.Start(ctx, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nft.Stop(env)
+	if _, err := env.sinks(ctx, loadgen.CmdReset); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.send(ctx, loadgen.SendConfig{Dst: dst, ClientBase: ClientBase, Clients: 64, SrcPort: ClientPort, Size: 64, Duration: time.Second, MaxPackets: 6400}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.drained(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i, ctl := range env.sinkCtl {
+		st, err := loadgen.Query(ctx, ctl, loadgen.CmdStats)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Packets < 640 {
+			t.Errorf("backend %d got %d of 6400 datagrams from 64 clients, want a share of at least 640", i+1, st.Packets)
+		}
+	}
+}

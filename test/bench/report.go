@@ -1,0 +1,168 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Result is one target at one datagram size.
+type Result struct {
+	Target    string `json:"target"`
+	Size      int    `json:"size_bytes"`
+	Available bool   `json:"available"`
+	Reason    string `json:"reason,omitempty"`
+
+	// Median of the runs: datagrams/s and UDP payload Mbit/s counted at the
+	// backends over the receive window; the generator's send rate; the
+	// share of sent datagrams that never arrived.
+	RxPPS  float64 `json:"rx_pps"`
+	RxMbps float64 `json:"rx_mbit_s"`
+	TxPPS  float64 `json:"tx_pps"`
+	Loss   float64 `json:"loss"`
+	Runs   []Run   `json:"runs,omitempty"`
+	// Rate relative to nftables and nginx at the same size (0: unknown).
+	VsNFT   float64 `json:"vs_nftables,omitempty"`
+	VsNginx float64 `json:"vs_nginx,omitempty"`
+
+	// Round trips at LatencyRate (half of RxPPS) through the target, and
+	// through routing alone at the same rate; Added* are the differences.
+	LatencyRate float64 `json:"latency_load_pps,omitempty"`
+	Latency     Latency `json:"latency"`
+	Baseline    Latency `json:"baseline_latency"`
+	AddedP50us  float64 `json:"added_p50_us"`
+	AddedP99us  float64 `json:"added_p99_us"`
+}
+
+// Run is one rate measurement.
+type Run struct {
+	Sent       uint64  `json:"sent"`
+	Received   uint64  `json:"received"`
+	Bad        uint64  `json:"bad"`
+	SendErrors uint64  `json:"send_errors"`
+	TxPPS      float64 `json:"tx_pps"`
+	RxPPS      float64 `json:"rx_pps"`
+	RxMbps     float64 `json:"rx_mbit_s"`
+}
+
+// Latency summarises the probes' round trips.
+type Latency struct {
+	Probes uint64  `json:"probes"`
+	Echoed uint64  `json:"echoed"`
+	P50us  float64 `json:"p50_us"`
+	P90us  float64 `json:"p90_us"`
+	P99us  float64 `json:"p99_us"`
+	MaxUs  float64 `json:"max_us"`
+}
+
+// Machine describes where the numbers came from.
+type Machine struct {
+	CPU         string `json:"cpu"`
+	Cores       int    `json:"cores"`
+	Kernel      string `json:"kernel"`
+	Go          string `json:"go"`
+	GenCPU      string `json:"generator_cpu"`
+	BalancerCPU string `json:"balancer_cpu"`
+	RPS         bool   `json:"rps"`
+}
+
+// Report is a suite's output.
+type Report struct {
+	Suite   string        `json:"suite"`
+	Started time.Time     `json:"started"`
+	Took    time.Duration `json:"took_ns"`
+	Machine Machine       `json:"machine"`
+	Clients int           `json:"clients"`
+	Results []Result      `json:"results"`
+}
+
+// ThisMachine reads the CPU model, core count and kernel release.
+func ThisMachine(env *Env) Machine {
+	m := Machine{Cores: runtime.NumCPU(), Go: runtime.Version(), CPU: "unknown", Kernel: "unknown"}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(b))
+	}
+	if env != nil {
+		m.GenCPU, m.BalancerCPU, m.RPS = env.GenCPU, env.BalancerCPU, env.RPS
+	}
+	return m
+}
+
+// WriteJSON writes the report, indented, to path.
+func (r *Report) WriteJSON(path string) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+// WriteTable prints the results table.
+func (r *Report) WriteTable(w io.Writer) error {
+	m := r.Machine
+	fmt.Fprintf(w, "ikelb %s benchmark, %s\n", r.Suite, r.Started.UTC().Format(time.RFC3339))
+	fmt.Fprintf(w, "machine: %s, %d cores, kernel %s, %s; generator+sinks on CPU %s, balancer on CPU %s (RPS %v); %d clients\n\n",
+		m.CPU, m.Cores, m.Kernel, m.Go, m.GenCPU, m.BalancerCPU, m.RPS, r.Clients)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "target\tsize\trx kpps\tMbit/s\tloss\t×nft\t×nginx\tRTT p50 µs\tRTT p99 µs\tadded p50 µs\tadded p99 µs\t")
+	var missing []string
+	for _, x := range r.Results {
+		if !x.Available {
+			fmt.Fprintf(tw, "%s\t%d\tn/a\t\t\t\t\t\t\t\t\t\n", x.Target, x.Size)
+			if m := fmt.Sprintf("%s: not available: %s", x.Target, oneLine(strings.TrimPrefix(x.Reason, ErrUnavailable.Error()+": "), 300)); !slices.Contains(missing, m) {
+				missing = append(missing, m)
+			}
+			continue
+		}
+		lat, added := "-", "-"
+		p50, p99 := "-", "-"
+		if x.Latency.Echoed > 0 {
+			p50, p99 = fmt.Sprintf("%.0f", x.Latency.P50us), fmt.Sprintf("%.0f", x.Latency.P99us)
+			lat, added = fmt.Sprintf("%+.0f", x.AddedP50us), fmt.Sprintf("%+.0f", x.AddedP99us)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.0f\t%.1f%%\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+			x.Target, x.Size, x.RxPPS/1000, x.RxMbps, 100*x.Loss, ratio(x.VsNFT), ratio(x.VsNginx), p50, p99, lat, added)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, m := range missing {
+		fmt.Fprintf(w, "\n%s", m)
+	}
+	if len(missing) > 0 {
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "\nrx = counted at the backends (median of runs); Mbit/s of UDP payload; loss = not received / sent at full open-loop load.\n")
+	fmt.Fprintf(w, "RTT = client → balancer → backend echo → balancer → client at half the target's rate; added = RTT − routing-only RTT at the same rate.\n")
+	fmt.Fprintf(w, "took %v\n", r.Took.Round(time.Second))
+	return nil
+}
+
+func ratio(v float64) string {
+	if v == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+func oneLine(s string, n int) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if len(s) > n {
+		s = s[:n] + "…"
+	}
+	return s
+}

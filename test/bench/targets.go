@@ -1,0 +1,285 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/ikelb/ikelb/test/netns"
+)
+
+// ErrUnavailable marks a target that cannot run here; the suite reports it
+// as "not available: <reason>" and goes on with the others.
+var ErrUnavailable = errors.New("not available")
+
+// Target is one way of getting the clients' datagrams to the backends.
+type Target interface {
+	// Name is the target's row label.
+	Name() string
+	// Start sets the target up in env's balancer namespace and returns the
+	// address clients send to (port 4500). An error wrapping ErrUnavailable
+	// means it cannot run here.
+	Start(ctx context.Context, env *Env) (netip.AddrPort, error)
+	// Stop undoes Start.
+	Stop(env *Env) error
+}
+
+// readyTimeout bounds how long a started target may take to forward a probe.
+const readyTimeout = 15 * time.Second
+
+// Routing is the baseline without a balancer: the balancer namespace only
+// routes, and clients send straight to the first backend.
+type Routing struct{}
+
+func (Routing) Name() string { return "routing (no balancer)" }
+
+func (Routing) Start(_ context.Context, env *Env) (netip.AddrPort, error) {
+	return netip.AddrPortFrom(env.BackendAddrs[0], 4500), nil
+}
+
+func (Routing) Stop(*Env) error { return nil }
+
+// NFTables is the kernel path: DNAT of VIP:500 and VIP:4500 by a hash of the
+// client's source address, in ONE rule with a fixed seed so that both ports
+// of a client reach the same backend. Replies return through the balancer
+// (the backends' gateway), where conntrack reverses the DNAT; no masquerade.
+type NFTables struct{}
+
+func (NFTables) Name() string { return "nftables dnat jhash" }
+
+const nftTable = "ikelb_bench"
+
+func (NFTables) Start(_ context.Context, env *Env) (netip.AddrPort, error) {
+	var m []string
+	for i, a := range env.BackendAddrs {
+		m = append(m, fmt.Sprintf("%d : %s", i, a))
+	}
+	rules := fmt.Sprintf(`table ip %s {
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr %s udp dport { 500, 4500 } dnat to jhash ip saddr mod %d seed 0x1ce1b map { %s }
+	}
+}
+`, nftTable, VIP, len(m), strings.Join(m, ", "))
+	path := filepath.Join(env.Lab.Dir(), "nftables-target.nft")
+	if err := os.WriteFile(path, []byte(rules), 0o644); err != nil {
+		return netip.AddrPort{}, err
+	}
+	if _, err := env.Balancer.Run("nft", "-f", path); err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return netip.AddrPortFrom(VIP, 4500), nil
+}
+
+func (NFTables) Stop(env *Env) error {
+	_, err := env.Balancer.Run("nft", "delete", "table", "ip", nftTable)
+	return err
+}
+
+// Nginx is nginx's stream module proxying UDP with `hash $remote_addr
+// consistent`, one worker pinned to the balancer's CPU.
+type Nginx struct {
+	proc *netns.Proc
+}
+
+func (*Nginx) Name() string { return "nginx stream hash" }
+
+// NginxModule is where Debian's libnginx-mod-stream installs the module.
+const NginxModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+func (n *Nginx) Start(ctx context.Context, env *Env) (netip.AddrPort, error) {
+	bin, err := exec.LookPath("nginx")
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%w: nginx: %v", ErrUnavailable, err)
+	}
+	if _, err := os.Stat(NginxModule); err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%w: stream module: %v", ErrUnavailable, err)
+	}
+	dir := env.Lab.MkDir("nginx")
+	upstream := func(port int) string {
+		var b strings.Builder
+		for _, a := range env.BackendAddrs {
+			fmt.Fprintf(&b, "\t\tserver %s:%d;\n", a, port)
+		}
+		return b.String()
+	}
+	// Sessions: every client is one UDP "session" with its own upstream
+	// socket (2 connections each). Responses are unlimited (ESP flows both
+	// ways); an idle session ends after proxy_timeout, longer than a run.
+	conf := fmt.Sprintf(`load_module %s;
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 65536;
+pid %s/nginx.pid;
+error_log %s/error.log warn;
+events {
+	worker_connections 16384;
+}
+stream {
+	upstream ike500 {
+		hash $remote_addr consistent;
+%s	}
+	upstream ike4500 {
+		hash $remote_addr consistent;
+%s	}
+	server {
+		listen %s:500 udp;
+		proxy_pass ike500;
+		proxy_timeout 120s;
+	}
+	server {
+		listen %s:4500 udp;
+		proxy_pass ike4500;
+		proxy_timeout 120s;
+	}
+}
+`, NginxModule, dir, dir, upstream(500), upstream(4500), VIP, VIP)
+	path := filepath.Join(dir, "nginx.conf")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		return netip.AddrPort{}, err
+	}
+	env.Lab.AddLog("nginx-error", filepath.Join(dir, "error.log"))
+	n.proc = env.Lab.Start(env.Balancer, "nginx", "taskset", "-c", env.BalancerCPU, bin, "-e", filepath.Join(dir, "error.log"), "-p", dir, "-c", path)
+	dst := netip.AddrPortFrom(VIP, 4500)
+	if err := readyOrExit(ctx, env, n.proc, dst); err != nil {
+		_ = n.Stop(env)
+		return netip.AddrPort{}, err
+	}
+	return dst, nil
+}
+
+func (n *Nginx) Stop(*Env) error { return stopProc(n.proc) }
+
+// Ikelb is ikelbd in one forwarding mode, a single node with health checks
+// off, pinned to the balancer's CPU.
+type Ikelb struct {
+	// Mode is "nat" or "transparent".
+	Mode string
+	// Binary returns the path of a built ikelbd (see BuildIkelbd).
+	Binary func() (string, error)
+
+	proc *netns.Proc
+}
+
+func (k *Ikelb) Name() string { return "ikelb " + k.Mode }
+
+func (k *Ikelb) Start(ctx context.Context, env *Env) (netip.AddrPort, error) {
+	bin, err := k.Binary()
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	dir := env.Lab.MkDir("ikelbd-" + k.Mode)
+	var b strings.Builder
+	// Inside the balancer's own namespace these loopback ports cannot
+	// collide with anything.
+	fmt.Fprintf(&b, `node: bench-%s
+data_dir: %s
+admin_address: 127.0.0.1:7450
+metrics_address: 127.0.0.1:7451
+log_level: info
+raft:
+  bind_address: 127.0.0.1:7452
+services:
+  - name: bench
+    vip: %s
+    ports: [500, 4500]
+    forwarding_mode: %s
+    health_check: {type: none}
+    backends:
+`, k.Mode, filepath.Join(dir, "data"), VIP, k.Mode)
+	for _, a := range env.BackendAddrs {
+		fmt.Fprintf(&b, "      - address: %s\n", a)
+	}
+	path := filepath.Join(dir, "ikelbd.yaml")
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		return netip.AddrPort{}, err
+	}
+	k.proc = env.Lab.Start(env.Balancer, "ikelbd-"+k.Mode, "taskset", "-c", env.BalancerCPU, bin, "--config", path)
+	dst := netip.AddrPortFrom(VIP, 4500)
+	if err := readyOrExit(ctx, env, k.proc, dst); err != nil {
+		_ = k.Stop(env)
+		return netip.AddrPort{}, err
+	}
+	return dst, nil
+}
+
+func (k *Ikelb) Stop(*Env) error { return stopProc(k.proc) }
+
+// readyOrExit waits until a probe to dst comes back, and fails with
+// ErrUnavailable (and the end of the process's log) if the process exits or
+// nothing comes back within readyTimeout.
+func readyOrExit(ctx context.Context, env *Env, p *netns.Proc, dst netip.AddrPort) error {
+	err := env.waitReady(ctx, dst, readyTimeout)
+	if exited, perr := p.Exited(); exited {
+		return fmt.Errorf("%w: %s exited (%v): %s", ErrUnavailable, p.Name(), perr, lastLine(p.Log()))
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %v; %s log: %s", ErrUnavailable, err, p.Name(), lastLine(p.Log()))
+	}
+	return nil
+}
+
+// stopProc asks p to stop with SIGTERM and kills its group after 5 s.
+func stopProc(p *netns.Proc) error {
+	if p == nil {
+		return nil
+	}
+	if err := p.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, netns.ErrExited) {
+		return err
+	}
+	select {
+	case <-p.Done():
+	case <-time.After(5 * time.Second):
+		if err := p.Kill(); err != nil {
+			return err
+		}
+		<-p.Done()
+	}
+	return nil
+}
+
+// BuildIkelbd returns a function that builds cmd/ikelbd into dir on its
+// first call (bounded by timeout) and returns the binary's path or the
+// build's error on every call.
+func BuildIkelbd(dir string, timeout time.Duration) func() (string, error) {
+	var once sync.Once
+	var path string
+	var err error
+	return func() (string, error) {
+		once.Do(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
+			defer cancel()
+			path = filepath.Join(dir, "ikelbd")
+			cmd := exec.CommandContext(ctx, "go", "build", "-o", path, "./cmd/ikelbd")
+			cmd.Dir = RepoRoot()
+			if out, berr := cmd.CombinedOutput(); berr != nil {
+				err = fmt.Errorf("go build ./cmd/ikelbd: %v: %s", berr, firstLines(string(out), 3))
+			}
+		})
+		return path, err
+	}
+}
+
+// RepoRoot is the module's root directory (from this file's location).
+func RepoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+func firstLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = append(lines[:n], "...")
+	}
+	return strings.Join(lines, " | ")
+}
