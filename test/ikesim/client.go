@@ -38,6 +38,7 @@ type Client struct {
 // Result is where one client landed.
 type Result struct {
 	SPI           SPI
+	SPIr          SPI            // the responder's SPI from IKE_SA_INIT
 	IKESource     netip.AddrPort // the client's address on the IKE exchange
 	NATTSource    netip.AddrPort // ... and on the NAT-T port (a new port)
 	IKEResponder  string         // who answered IKE_SA_INIT
@@ -101,6 +102,7 @@ func (c Client) Run(ctx context.Context) (res Result) {
 			return fmt.Errorf("%w: no responder vendor id", ErrUnexpected)
 		}
 		spir, res.IKEResponder = m.SPIr, name
+		res.SPIr = spir
 		return nil
 	})
 	if err != nil {

@@ -324,3 +324,61 @@ func pcapUDP(t *testing.T, b []byte) []udpPacket {
 	}
 	return out
 }
+
+func TestSessionKeepsServerAndMeasuresGap(t *testing.T) {
+	r, err := Listen("s1", "127.0.0.41:0", "127.0.0.41:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s := Session{Client: Client{
+		Local: netip.MustParseAddr("127.0.0.42"), VIP: netip.MustParseAddr("127.0.0.41"),
+		IKEPort: r.IKEAddr().Port(), NATTPort: r.NATTAddr().Port(), Fragments: 2,
+	}, Interval: 20 * time.Millisecond, Duration: 300 * time.Millisecond}
+	res := s.Run(ctx)
+	if !res.Kept() {
+		t.Fatalf("session did not keep its server: %+v", res)
+	}
+	if res.Checks < 10 || res.Answered < res.Checks-1 || res.ESPEchoed < res.ESPSent-1 {
+		t.Fatalf("checks %d answered %d, esp %d echoed %d", res.Checks, res.Answered, res.ESPSent, res.ESPEchoed)
+	}
+	if res.MaxGap > 200*time.Millisecond {
+		t.Errorf("max gap %v with a server that always answers", res.MaxGap)
+	}
+	if c := r.Counts(); c.DPD == 0 {
+		t.Errorf("responder answered no DPD: %+v", c)
+	}
+
+	// A second responder that never saw the SA answers INVALID_IKE_SPI.
+	other, err := Listen("s2", "127.0.0.43:0", "127.0.0.43:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.ParseIP("127.0.0.42")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	dpd := Message{SPIi: res.SPI, SPIr: res.SPIr, Exchange: ExchInformation, Flags: FlagInitiator, MsgID: 9,
+		Payloads: []Payload{{Type: PayloadSK, Body: make([]byte, 16)}}}
+	conn.WriteToUDPAddrPort(withMarker(dpd.Marshal()), other.NATTAddr())
+	conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	buf := make([]byte, 2048)
+	n, err := conn.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := Parse(buf[4:n])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if typ, ok := m.NotifyType(); !ok || typ != NotifyInvalidIKESPI {
+		t.Fatalf("unknown SA: got %+v", m)
+	}
+	if name, _ := m.ResponderName(); name != "s2" {
+		t.Fatalf("name %q", name)
+	}
+}

@@ -45,7 +45,8 @@ type Counts struct {
 	SAInit        uint64 // IKE_SA_INIT requests answered
 	Auth          uint64 // IKE_AUTH requests answered (whole or reassembled)
 	AuthFragments uint64 // IKE_AUTH fragments received
-	UnknownSA     uint64 // IKE_AUTH for an SA this responder did not create
+	UnknownSA     uint64 // IKE_AUTH or INFORMATIONAL for an SA this responder did not create
+	DPD           uint64 // INFORMATIONAL liveness checks answered for a known SA
 	ESP           uint64 // ESP-in-UDP datagrams echoed
 	Keepalives    uint64 // 0xFF keepalives received
 	Malformed     uint64 // datagrams dropped as malformed or unexpected
@@ -59,7 +60,7 @@ type Responder struct {
 	logger *slog.Logger
 	wg     sync.WaitGroup
 
-	sainit, auth, authFrags, unknownSA, esp, keepalives, malformed atomic.Uint64
+	sainit, auth, authFrags, unknownSA, dpd, esp, keepalives, malformed atomic.Uint64
 
 	mu    sync.Mutex // guards the following
 	sas   map[SPI]SPI
@@ -145,7 +146,7 @@ func localAddr(c *net.UDPConn) netip.AddrPort {
 func (r *Responder) Counts() Counts {
 	return Counts{
 		SAInit: r.sainit.Load(), Auth: r.auth.Load(), AuthFragments: r.authFrags.Load(),
-		UnknownSA: r.unknownSA.Load(), ESP: r.esp.Load(), Keepalives: r.keepalives.Load(),
+		UnknownSA: r.unknownSA.Load(), DPD: r.dpd.Load(), ESP: r.esp.Load(), Keepalives: r.keepalives.Load(),
 		Malformed: r.malformed.Load(),
 	}
 }
@@ -234,6 +235,8 @@ func (r *Responder) handleIKE(b []byte, flow Flow, marker bool) []byte {
 		resp = r.saInit(&m)
 	case m.Exchange == ExchIKEAuth && m.MsgID == 1:
 		resp = r.authRequest(&m)
+	case m.Exchange == ExchInformation && m.MsgID >= 2:
+		resp = r.informational(&m)
 	default:
 		r.malformed.Add(1)
 	}
@@ -360,6 +363,26 @@ func (r *Responder) authRequest(m *Message) *Message {
 		SPIi: m.SPIi, SPIr: spir, Exchange: ExchIKEAuth, Flags: FlagResponse, MsgID: m.MsgID,
 		Payloads: []Payload{vendor, {Type: PayloadSK, Next: PayloadIDr, Body: sk}},
 	}
+}
+
+// informational answers a liveness check (DPD: an INFORMATIONAL request
+// with an empty SK payload) for a known IKE SA with an empty response, and
+// one for an SA it does not hold with INVALID_IKE_SPI — both carrying the
+// responder's name, so a client can tell which server holds its SA.
+func (r *Responder) informational(m *Message) *Message {
+	r.mu.Lock()
+	spir, known := r.sas[m.SPIi]
+	r.mu.Unlock()
+	vendor := Payload{Type: PayloadVendorID, Body: []byte(vendorPrefix + r.name)}
+	resp := &Message{SPIi: m.SPIi, SPIr: m.SPIr, Exchange: ExchInformation, Flags: FlagResponse, MsgID: m.MsgID}
+	if !known || spir != m.SPIr {
+		r.unknownSA.Add(1)
+		resp.Payloads = []Payload{{Type: PayloadNotify, Body: notifyBody(NotifyInvalidIKESPI)}, vendor}
+		return resp
+	}
+	r.dpd.Add(1)
+	resp.Payloads = []Payload{vendor, {Type: PayloadSK, Body: make([]byte, 16)}}
+	return resp
 }
 
 func (r *Responder) record(spi *SPI, f Flow) {
