@@ -52,6 +52,11 @@ type Config struct {
 	// the kernel's default.
 	SocketBuffer int
 
+	// ReplyPort is the port of the transparent reply sockets (IPv4 and
+	// IPv6) that the host's TPROXY rules divert backends' replies to; 0
+	// lets the kernel choose (see Engine.ReplyPorts).
+	ReplyPort uint16
+
 	sockets socketOps // tests may fake the kernel
 }
 

@@ -30,6 +30,17 @@
 //     its own upstream socket connected to backend:same-port, sourced from
 //     the service's SNAT address when set; idle flows are closed after the
 //     flow timeout. IPv4 and IPv6 VIPs and backends work, mixed too.
+//   - Forwarding mode transparent (Linux): the backend receives each
+//     datagram from the client's own address and port (raw IP socket,
+//     headers built here, fragmented above the route MTU); the backends'
+//     replies, diverted to the engine's IP_TRANSPARENT reply socket by the
+//     host's TPROXY rule, leave toward the client from the service's
+//     VIP:port. The reply path depends only on the committed services (no
+//     per-flow state), so any node with the same services carries any
+//     reply. On other platforms SetServices refuses such a service
+//     (ErrTransparent).
+//   - Listeners bind with IP_FREEBIND, so a node may listen on a VIP it does
+//     not hold yet (VRRP backup).
 //   - Engine.Close stops and waits for every goroutine it started.
 //
 // The package depends only on the standard library and golang.org/x/sys and

@@ -31,11 +31,18 @@ type Engine struct {
 	now       atomic.Int64 // coarse clock, Unix ns, updated every ClockTick
 	flowCount atomic.Int64 // open flows, all listeners
 
+	// Transparent mode's reply path: backend:port → listener, rebuilt by
+	// SetServices; replies matching no route are counted.
+	replyRoutes      atomic.Pointer[map[replyKey]*replyRoute]
+	unmatchedReplies atomic.Uint64
+
 	mu        sync.Mutex // guards the following
 	closed    bool
 	listeners map[netip.AddrPort]*listener
 	views     map[uint32]*serviceView // the committed set, by service ID
 	counters  map[uint32]*serviceCounters
+	reply4    replyConn // transparent reply sockets, opened when first needed
+	reply6    replyConn
 }
 
 // New starts an engine with no services.
@@ -87,6 +94,7 @@ func (e *Engine) runClock(ctx context.Context) {
 func (e *Engine) SetServices(services []Service) error {
 	want := make(map[netip.AddrPort]uint32)
 	ids := make(map[uint32]bool)
+	replyFrom := make(map[replyKey]uint32) // transparent backend:port → service
 	for i := range services {
 		s := &services[i]
 		if err := validateService(s); err != nil {
@@ -102,6 +110,17 @@ func (e *Engine) SetServices(services []Service) error {
 				return fmt.Errorf("%w: %s in services %d and %d", ErrInvalidService, ap, other, s.ID)
 			}
 			want[ap] = s.ID
+			if s.Mode != ModeTransparent {
+				continue
+			}
+			for _, b := range s.Backends {
+				k := replyKey{addr: AddrFrom(b.Addr.Unmap()), port: p}
+				if other, dup := replyFrom[k]; dup && other != s.ID {
+					return fmt.Errorf("%w: transparent services %d and %d share backend %s port %d: their replies could not be told apart",
+						ErrInvalidService, other, s.ID, b.Addr.Unmap(), p)
+				}
+				replyFrom[k] = s.ID
+			}
 		}
 	}
 
@@ -118,36 +137,139 @@ func (e *Engine) SetServices(services []Service) error {
 			sc = &serviceCounters{}
 		}
 		counters[s.ID] = sc
-		views[s.ID] = newServiceView(s, sc, e.cfg.FlowTimeout)
+		sv := newServiceView(s, sc, e.cfg.FlowTimeout)
+		if s.Mode == ModeTransparent {
+			sv.mtu = make([]int, len(sv.backends))
+			for i, b := range sv.backends {
+				sv.mtu[i] = e.cfg.sockets.mtu(b.Addr)
+			}
+		}
+		views[s.ID] = sv
+	}
+
+	var errs []error
+	// The reply sockets a transparent service needs; without them its
+	// listeners are not opened (replies could not come back).
+	noReply := map[bool]bool{}
+	for _, sv := range views {
+		if sv.svc.Mode != ModeTransparent {
+			continue
+		}
+		v6 := !sv.svc.VIP.Is4()
+		if _, tried := noReply[v6]; tried {
+			continue
+		}
+		err := e.openReplyLocked(v6)
+		noReply[v6] = err != nil
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
 
 	for ap, l := range e.listeners {
-		if _, ok := want[ap]; !ok {
+		id, ok := want[ap]
+		if !ok || l.mode != views[id].svc.Mode {
 			l.close()
 			delete(e.listeners, ap)
 			e.log.Info("listener closed", slog.String("listen_addr", ap.String()))
 		}
 	}
-	var errs []error
 	for ap, id := range want {
 		sv := views[id]
 		if l := e.listeners[ap]; l != nil {
 			l.svc.Store(sv)
 			continue
 		}
-		c, err := e.cfg.sockets.listen(ap)
+		if sv.svc.Mode == ModeTransparent && noReply[!ap.Addr().Is4()] {
+			continue
+		}
+		l, err := e.openListener(ap, sv)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		l := newListener(e, c, sv)
 		e.listeners[ap] = l
 		go l.run()
-		e.log.Info("listener opened", slog.String("listen_addr", ap.String()), slog.Uint64("service_id", uint64(id)))
+		e.log.Info("listener opened", slog.String("listen_addr", ap.String()), slog.Uint64("service_id", uint64(id)),
+			slog.String("mode", sv.svc.Mode.String()))
 	}
 	e.views, e.counters = views, counters
+
+	routes := make(map[replyKey]*replyRoute)
+	for _, sv := range views {
+		if sv.svc.Mode != ModeTransparent {
+			continue
+		}
+		for _, p := range sv.svc.Ports {
+			l := e.listeners[netip.AddrPortFrom(sv.svc.VIP, p)]
+			if l == nil {
+				continue
+			}
+			for i, b := range sv.backends {
+				routes[replyKey{addr: AddrFrom(b.Addr), port: p}] = &replyRoute{l: l, bc: sv.counters[i], svc: sv.svcCounters}
+			}
+		}
+	}
+	e.replyRoutes.Store(&routes)
 	return errors.Join(errs...)
 }
+
+// openListener opens the socket(s) of a listener for sv on ap.
+func (e *Engine) openListener(ap netip.AddrPort, sv *serviceView) (*listener, error) {
+	c, err := e.cfg.sockets.listen(ap)
+	if err != nil {
+		return nil, err
+	}
+	var raw rawConn
+	if sv.svc.Mode == ModeTransparent {
+		if raw, err = e.cfg.sockets.raw(!ap.Addr().Is4()); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("%w: %s: %w", ErrListen, ap, err)
+		}
+	}
+	return newListener(e, c, raw, sv), nil
+}
+
+// openReplyLocked opens the family's TPROXY reply socket and its reader,
+// unless it is open.
+func (e *Engine) openReplyLocked(v6 bool) error {
+	rp := &e.reply4
+	if v6 {
+		rp = &e.reply6
+	}
+	if *rp != nil {
+		return nil
+	}
+	rc, err := e.cfg.sockets.tproxy(v6, e.cfg.ReplyPort)
+	if err != nil {
+		return err
+	}
+	*rp = rc
+	e.wg.Add(1)
+	go e.runReplies(rc)
+	e.log.Info("transparent reply socket opened", slog.String("listen_addr", rc.LocalAddr().String()))
+	return nil
+}
+
+// ReplyPorts returns the ports of the transparent reply sockets (IPv4,
+// IPv6); 0 for a family with no transparent service yet. The host's TPROXY
+// rules must divert backends' replies to them (cmd/internal/hostnet).
+func (e *Engine) ReplyPorts() (v4, v6 uint16) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.reply4 != nil {
+		v4 = e.reply4.LocalAddr().Port()
+	}
+	if e.reply6 != nil {
+		v6 = e.reply6.LocalAddr().Port()
+	}
+	return v4, v6
+}
+
+// UnmatchedReplies counts datagrams on the reply sockets that came from no
+// transparent service's backend and port (or were not intercepted), since
+// New.
+func (e *Engine) UnmatchedReplies() uint64 { return e.unmatchedReplies.Load() }
 
 // Close stops every listener, flow and goroutine and waits for them.
 func (e *Engine) Close() error {
@@ -160,6 +282,11 @@ func (e *Engine) Close() error {
 	for ap, l := range e.listeners {
 		l.close()
 		delete(e.listeners, ap)
+	}
+	for _, rc := range []replyConn{e.reply4, e.reply6} {
+		if rc != nil {
+			rc.Close()
+		}
 	}
 	e.mu.Unlock()
 	e.cancel()
@@ -179,5 +306,6 @@ func (e *Engine) Counters() []ServiceCounters {
 	return out
 }
 
-// Flows returns the number of open NAT flows (upstream sockets).
+// Flows returns the number of open client flows: NAT flows (each with an
+// upstream socket) and transparent flows (pacing state only).
 func (e *Engine) Flows() int { return int(e.flowCount.Load()) }

@@ -354,14 +354,24 @@ func TestEngineLoopback(t *testing.T) {
 
 	// Test ports are not 500, so every datagram is classified as NAT-T
 	// framed: the classes only have to add up.
-	cs := h.e.Counters()[0]
-	var classes uint64
-	for _, n := range cs.Datagrams {
-		classes += n
+	// A batch's counters are flushed after its datagrams are sent, so the
+	// last reply can reach the client first: poll.
+	var cs ServiceCounters
+	countersOK := func() bool {
+		cs = h.e.Counters()[0]
+		var classes uint64
+		for _, n := range cs.Datagrams {
+			classes += n
+		}
+		return cs.Packets == 14 && cs.ReplyPackets == cs.Packets && cs.Drops == 1 && classes == cs.Packets+cs.Drops &&
+			cs.Datagrams["keepalive"] == 6 && cs.Datagrams["esp"] == 1 && cs.Backends[0].Packets+cs.Backends[1].Packets == 14
 	}
-	if cs.Packets != 14 || cs.ReplyPackets != cs.Packets || cs.Drops != 1 || classes != cs.Packets+cs.Drops ||
-		cs.Datagrams["keepalive"] != 6 || cs.Datagrams["esp"] != 1 || cs.Backends[0].Packets+cs.Backends[1].Packets != 14 {
-		t.Fatalf("counters %+v", cs)
+	deadline := time.Now().Add(5 * time.Second)
+	for !countersOK() {
+		if time.Now().After(deadline) {
+			t.Fatalf("counters %+v", cs)
+		}
+		time.Sleep(5 * time.Millisecond) // polling interval, not a wait for state
 	}
 
 	// Removing a port closes its listener.
@@ -455,7 +465,8 @@ func TestSetServicesValidation(t *testing.T) {
 		"no vip":           mut(func(s *Service) { s.VIP = netip.Addr{} }),
 		"no ports":         mut(func(s *Service) { s.Ports = nil }),
 		"port 0":           mut(func(s *Service) { s.Ports = []uint16{0} }),
-		"transparent":      mut(func(s *Service) { s.Mode = ModeTransparent }),
+		"mode 9":           mut(func(s *Service) { s.Mode = 9 }),
+		"transparent snat": mut(func(s *Service) { s.Mode, s.SNAT = ModeTransparent, netip.MustParseAddr("127.0.0.3") }),
 		"dup backend":      mut(func(s *Service) { s.Backends = append(s.Backends, s.Backends[0]) }),
 		"snat family":      mut(func(s *Service) { s.SNAT = netip.MustParseAddr("::1") }),
 		"dup service id":   {ok, ok},

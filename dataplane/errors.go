@@ -20,6 +20,10 @@ var (
 	ErrInvalidService = errors.New("invalid service")
 	// ErrListen: a listener could not be opened (the address is in the message).
 	ErrListen = errors.New("listen failed")
+	// ErrTransparent: a transparent-mode socket could not be opened (the
+	// message says why: missing CAP_NET_RAW or CAP_NET_ADMIN, or a
+	// platform other than Linux).
+	ErrTransparent = errors.New("transparent mode unavailable")
 	// ErrClosed: the engine was closed.
 	ErrClosed = errors.New("engine closed")
 )

@@ -12,9 +12,11 @@ import (
 // fakeSockets stands in for the kernel: listeners never deliver (the test
 // drives handleBatch itself), dialled conns count what is written.
 type fakeSockets struct {
-	mu      sync.Mutex
-	dialled []*fakeConn
-	failAt  netip.AddrPort // listen on it fails
+	mu       sync.Mutex
+	dialled  []*fakeConn
+	raws     []*fakeRaw
+	failAt   netip.AddrPort // listen on it fails
+	mtuValue int
 }
 
 func (f *fakeSockets) listen(addr netip.AddrPort) (conn, error) {
@@ -33,9 +35,76 @@ func (f *fakeSockets) dial(src netip.Addr, dst netip.AddrPort) (conn, error) {
 	return c, nil
 }
 
+func (f *fakeSockets) raw(v6 bool) (rawConn, error) {
+	r := &fakeRaw{}
+	f.mu.Lock()
+	f.raws = append(f.raws, r)
+	f.mu.Unlock()
+	return r, nil
+}
+
+func (f *fakeSockets) tproxy(v6 bool, port uint16) (replyConn, error) {
+	if port == 0 {
+		port = 7999
+	}
+	a := netip.IPv4Unspecified()
+	if v6 {
+		a = netip.IPv6Unspecified()
+	}
+	return &fakeReply{local: netip.AddrPortFrom(a, port), closed: make(chan struct{})}, nil
+}
+
+func (f *fakeSockets) mtu(netip.Addr) int { return f.mtuValue }
+
+// fakeRaw counts the packets sent and keeps a copy of the last batch's
+// headers and payload lengths when keep is set.
+type fakeRaw struct {
+	sent   atomic.Int64
+	keep   bool
+	last   [][]byte // header+payload of each packet of the last Send
+	failAt int      // 1-based message index that fails; 0 none
+}
+
+func (r *fakeRaw) Send(rb *rawBatch) (int, error) {
+	if r.keep {
+		r.last = r.last[:0]
+		for i := 0; i < rb.n; i++ {
+			m := &rb.msgs[i]
+			r.last = append(r.last, append(append([]byte{}, m.hdr[:m.hlen]...), m.payload...))
+		}
+	}
+	sent := rb.n
+	if r.failAt > 0 && r.failAt <= rb.n {
+		rb.msgs[r.failAt-1].failed = true
+		sent--
+	}
+	r.sent.Add(int64(sent))
+	return sent, nil
+}
+
+func (r *fakeRaw) Close() error { return nil }
+
+type fakeReply struct {
+	local     netip.AddrPort
+	closeOnce sync.Once
+	closed    chan struct{}
+}
+
+func (r *fakeReply) ReadReplies(*batchPool, []netip.AddrPort) (*batch, int, error) {
+	<-r.closed
+	return nil, 0, net.ErrClosed
+}
+func (r *fakeReply) LocalAddr() netip.AddrPort { return r.local }
+func (r *fakeReply) Close() error {
+	r.closeOnce.Do(func() { close(r.closed) })
+	return nil
+}
+
 type fakeConn struct {
 	local, peer netip.AddrPort
 	sent        atomic.Int64
+	keep        bool             // record destinations (not concurrency-safe: one writer)
+	dsts        []netip.AddrPort // with keep: where each datagram went
 	closeOnce   sync.Once
 	closed      chan struct{}
 }
@@ -50,6 +119,11 @@ func (c *fakeConn) ReadBatch(*batchPool) (*batch, int, error) {
 }
 
 func (c *fakeConn) WriteBatch(_ *batch, pkts []packet) (int, error) {
+	if c.keep {
+		for i := range pkts {
+			c.dsts = append(c.dsts, pkts[i].addr)
+		}
+	}
 	c.sent.Add(int64(len(pkts)))
 	return len(pkts), nil
 }

@@ -8,8 +8,9 @@ import "net/netip"
 // the rest: it writes client datagrams to the upstream and sends what the
 // upstream reads back to the client from the VIP:port socket.
 //
-// nat is the only mode now. A transparent mode (IP_TRANSPARENT, the client's
-// own address as source) is another forwarder.
+// A transparent flow has no upstream (nil conn): the listener writes its
+// datagrams on its raw socket with the client's address as source, and the
+// replies arrive on the engine's TPROXY reply socket (transparent.go).
 type forwarder interface {
 	upstream(sv *serviceView, client, vip netip.AddrPort, backend netip.Addr) (conn, error)
 }
@@ -23,10 +24,19 @@ func (f natForwarder) upstream(sv *serviceView, _, vip netip.AddrPort, backend n
 	return f.ops.dial(sv.snat, netip.AddrPortFrom(backend, vip.Port()))
 }
 
+// transparentForwarder keeps only the flow's pacing: nothing is opened.
+type transparentForwarder struct{}
+
+func (transparentForwarder) upstream(*serviceView, netip.AddrPort, netip.AddrPort, netip.Addr) (conn, error) {
+	return nil, nil
+}
+
 func forwarderFor(m Mode, ops socketOps) forwarder {
 	switch m {
 	case ModeNAT:
 		return natForwarder{ops: ops}
+	case ModeTransparent:
+		return transparentForwarder{}
 	}
 	return nil // validateService rejects other modes
 }

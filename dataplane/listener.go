@@ -22,6 +22,8 @@ type listener struct {
 	conn   conn
 	log    *slog.Logger
 	done   chan struct{} // closed when run has returned
+	mode   Mode          // the forwarding mode it was opened for
+	raw    rawConn       // transparent: the raw socket (nil in nat mode)
 
 	svc atomic.Pointer[serviceView] // the committed service, swapped by SetServices
 
@@ -32,13 +34,20 @@ type listener struct {
 	target []*flow // per batch slot: where it goes
 	tindex []int   // per batch slot: backend index
 
+	rb    *rawBatch // transparent: packets being built
+	ident uint32    // transparent: last IP fragment identification
+
 	flowErrs    int // upstream sockets that failed to open since the last sweep
 	lastFlowErr error
 }
 
-func newListener(e *Engine, c conn, sv *serviceView) *listener {
+// newListener makes the listener of c for sv; raw is its raw socket in
+// transparent mode (the listener closes it).
+func newListener(e *Engine, c conn, raw rawConn, sv *serviceView) *listener {
 	l := &listener{
 		engine: e,
+		mode:   sv.svc.Mode,
+		raw:    raw,
 		addr:   c.LocalAddr(),
 		conn:   c,
 		log:    e.log.With(slog.String("listen_addr", c.LocalAddr().String())),
@@ -46,6 +55,11 @@ func newListener(e *Engine, c conn, sv *serviceView) *listener {
 		flows:  make(map[flowKey]*flow),
 		target: make([]*flow, e.cfg.BatchSize),
 		tindex: make([]int, e.cfg.BatchSize),
+	}
+	if raw != nil {
+		// Room for a full batch of fragmented datagrams is not needed:
+		// the builder flushes when the next datagram does not fit.
+		l.rb = newRawBatch(max(2*e.cfg.BatchSize, 64))
 	}
 	l.svc.Store(sv)
 	return l
@@ -55,6 +69,9 @@ func newListener(e *Engine, c conn, sv *serviceView) *listener {
 func (l *listener) close() {
 	l.conn.Close()
 	<-l.done
+	if l.raw != nil {
+		l.raw.Close()
+	}
 }
 
 func (l *listener) run() {
@@ -140,6 +157,11 @@ func (l *listener) handleBatch(b *batch, n int, now int64) {
 		t.backends[d.backend].packets++
 		t.backends[d.backend].bytes += uint64(p.n)
 	}
+	if l.raw != nil {
+		l.forwardRaw(b, n, sv, t)
+		t.flush(sv)
+		return
+	}
 	for i := 0; i < n; {
 		f := l.target[i]
 		if f == nil {
@@ -185,13 +207,17 @@ func (l *listener) replaceFlow(fk flowKey, client netip.AddrPort, sv *serviceVie
 	}
 	f.lastActive.Store(now)
 	l.flows[fk] = f
-	l.flowWG.Add(1)
-	go l.replyLoop(f)
+	if up != nil { // transparent flows have no upstream: replies come by TPROXY
+		l.flowWG.Add(1)
+		go l.replyLoop(f)
+	}
 	return f, 0
 }
 
 func (l *listener) closeFlow(fk flowKey, f *flow) {
-	f.up.Close()
+	if f.up != nil {
+		f.up.Close()
+	}
 	delete(l.flows, fk)
 	l.engine.flowCount.Add(-1)
 }
@@ -215,4 +241,55 @@ func (l *listener) closeAllFlows() {
 		l.closeFlow(fk, f)
 	}
 	l.flowWG.Wait()
+}
+
+// forwardRaw sends the batch's forwarded datagrams (target[i] != nil) to
+// their backends as IP packets from the client's own address and port,
+// with one sendmmsg per rawBatch.
+func (l *listener) forwardRaw(b *batch, n int, sv *serviceView, t *tally) {
+	rb := l.rb
+	rb.n = 0
+	port := l.addr.Port()
+	for i := 0; i < n; i++ {
+		if l.target[i] == nil {
+			continue
+		}
+		bi := l.tindex[i]
+		p := &b.pkts[i]
+		dst := netip.AddrPortFrom(sv.backends[bi].Addr, port)
+		mtu := defaultMTU
+		if bi < len(sv.mtu) && sv.mtu[bi] > 0 {
+			mtu = sv.mtu[bi]
+		}
+		if rb.add(p.buf[:p.n], p.addr, dst, mtu, i, &l.ident) {
+			continue
+		}
+		l.sendRaw(t)
+		if !rb.add(p.buf[:p.n], p.addr, dst, mtu, i, &l.ident) {
+			t.drops[DropTruncated]++ // more fragments than a raw batch holds
+			t.backends[bi].drops++
+		}
+	}
+	l.sendRaw(t)
+}
+
+// sendRaw sends the pending raw batch and counts the datagrams the kernel
+// refused (once each, however many of their fragments failed).
+func (l *listener) sendRaw(t *tally) {
+	rb := l.rb
+	if rb.n == 0 {
+		return
+	}
+	if sent, _ := l.raw.Send(rb); sent < rb.n {
+		last := -1
+		for i := 0; i < rb.n; i++ {
+			m := &rb.msgs[i]
+			if m.failed && m.slot != last {
+				last = m.slot
+				t.drops[DropSendError]++
+				t.backends[l.tindex[m.slot]].drops++
+			}
+		}
+	}
+	rb.n = 0
 }

@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -82,13 +83,42 @@ type conn interface {
 	Close() error
 }
 
+// rawConn is the transparent forward path's raw IP socket (header
+// included).
+type rawConn interface {
+	// Send sends rb.msgs[:rb.n] and marks the ones the kernel refused
+	// (failed); it returns how many were sent and the first error.
+	Send(rb *rawBatch) (sent int, err error)
+	Close() error
+}
+
+// replyConn is the transparent reply path's interception socket.
+type replyConn interface {
+	// ReadReplies is like conn.ReadBatch and also stores each datagram's
+	// original destination (the client) in orig[i]; an invalid orig[i]
+	// means the datagram was not intercepted (sent to the socket itself).
+	ReadReplies(pool *batchPool, orig []netip.AddrPort) (b *batch, n int, err error)
+	LocalAddr() netip.AddrPort
+	Close() error
+}
+
 // socketOps opens sockets.
 type socketOps interface {
-	// listen opens an unconnected socket bound to addr.
+	// listen opens an unconnected socket bound to addr. The address need
+	// not be local yet (IP_FREEBIND): a backup node binds a VIP it does
+	// not hold.
 	listen(addr netip.AddrPort) (conn, error)
 	// dial opens a socket connected to dst, bound to src:0 when src is
 	// valid, else to the kernel's choice.
 	dial(src netip.Addr, dst netip.AddrPort) (conn, error)
+	// raw opens a raw IPv4 (or IPv6) socket that sends packets with
+	// headers included (transparent mode).
+	raw(v6 bool) (rawConn, error)
+	// tproxy opens the IP_TRANSPARENT reply socket of a family on the
+	// wildcard address and port (0: the kernel's choice).
+	tproxy(v6 bool, port uint16) (replyConn, error)
+	// mtu returns the MTU of the route to dst, or 0 if unknown.
+	mtu(dst netip.Addr) int
 }
 
 // kernelSockets opens real UDP sockets.
@@ -104,10 +134,12 @@ func udpNetwork(a netip.Addr) string {
 }
 
 func (k kernelSockets) listen(addr netip.AddrPort) (conn, error) {
-	uc, err := net.ListenUDP(udpNetwork(addr.Addr()), net.UDPAddrFromAddrPort(addr))
+	lc := net.ListenConfig{Control: freebind}
+	pc, err := lc.ListenPacket(context.Background(), udpNetwork(addr.Addr()), addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrListen, addr, err)
 	}
+	uc := pc.(*net.UDPConn)
 	if k.bufBytes > 0 {
 		// Best effort: the kernel caps them at net.core.[rw]mem_max.
 		_ = uc.SetReadBuffer(k.bufBytes)

@@ -19,6 +19,7 @@ type serviceView struct {
 	touchEvery int64              // ns between touches of one client flow
 	flowIdle   int64              // ns before an idle flow is closed
 	snat       netip.Addr         // source for upstream sockets; invalid = kernel's choice
+	mtu        []int              // transparent: route MTU to each backend, parallel to backends
 
 	svcCounters *serviceCounters
 }
@@ -44,7 +45,16 @@ func validateService(s *Service) error {
 			return bad("port 0")
 		}
 	}
-	if s.Mode != ModeNAT {
+	switch s.Mode {
+	case ModeNAT:
+	case ModeTransparent:
+		if !transparentSupported {
+			return fmt.Errorf("%w: service %d (%s): %w: needs linux", ErrInvalidService, s.ID, s.Name, ErrTransparent)
+		}
+		if s.SNAT.IsValid() {
+			return bad("snat %v in transparent mode", s.SNAT)
+		}
+	default:
 		return bad("mode %v not implemented", s.Mode)
 	}
 	if s.Key != 0 && s.Key != KeySourceIP {
@@ -62,6 +72,11 @@ func validateService(s *Service) error {
 		a := b.Addr.Unmap()
 		if !a.IsValid() || a.IsUnspecified() {
 			return bad("backend %d address %v", b.ID, b.Addr)
+		}
+		if s.Mode == ModeTransparent && s.VIP.Unmap().Is4() != a.Is4() {
+			// The backend gets the client's own address as source, and
+			// a client of the VIP has the VIP's family.
+			return bad("transparent mode: vip %v and backend %v differ in family", s.VIP, b.Addr)
 		}
 		if s.SNAT.IsValid() && s.SNAT.Unmap().Is4() != a.Is4() {
 			return bad("snat %v and backend %v differ in family", s.SNAT, b.Addr)

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/ikelb/ikelb/cluster"
+	"github.com/ikelb/ikelb/cmd/internal/hostnet"
 	"github.com/ikelb/ikelb/cmd/internal/spec"
 	"github.com/ikelb/ikelb/dataplane"
 	ikelbv1 "github.com/ikelb/ikelb/proto/ikelb/v1"
@@ -32,12 +33,13 @@ var version = "dev"
 // daemon is one running node: Raft, the dataplane, the admin API and the
 // metrics endpoint. Close stops them in reverse order.
 type daemon struct {
-	log    *slog.Logger
-	node   *cluster.Node
-	engine *dataplane.Engine // nil on a witness
-	grpc   *grpc.Server
-	health *health.Server
-	http   *http.Server
+	log     *slog.Logger
+	node    *cluster.Node
+	engine  *dataplane.Engine // nil on a witness
+	hostnet *hostnet.Manager  // transparent mode's TPROXY rules and routes; nil on a witness
+	grpc    *grpc.Server
+	health  *health.Server
+	http    *http.Server
 
 	// AdminAddr and MetricsAddr are the bound addresses (useful with port 0).
 	AdminAddr   net.Addr
@@ -91,6 +93,12 @@ func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (d *daem
 			return nil, fmt.Errorf("dataplane: %w", err)
 		}
 		d.engine, dp = engine, engine
+		// Transparent mode: the host's TPROXY rules and routes follow the
+		// committed services (cmd/internal/hostnet); removed by Close.
+		if d.hostnet, err = hostnet.New(hostnet.Config{Logger: logger}); err != nil {
+			return nil, fmt.Errorf("hostnet: %w", err)
+		}
+		dp = hostnet.Wrap(engine, d.hostnet)
 	}
 	if err := node.Start(dp); err != nil {
 		return nil, err
@@ -252,6 +260,9 @@ func (d *daemon) Close() error {
 	}
 	if d.engine != nil {
 		errs = append(errs, d.engine.Close())
+	}
+	if d.hostnet != nil { // transparent mode: remove the host setup
+		errs = append(errs, d.hostnet.Close())
 	}
 	d.wg.Wait()
 	return errors.Join(errs...)
