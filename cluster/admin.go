@@ -17,9 +17,10 @@ import (
 
 // AdminServer implements ikelbv1.AdminServiceServer on a Node. Reads are
 // served from this node's committed state; writes are committed through
-// Raft on the leader. On a follower a write fails with UNAVAILABLE naming the
-// leader (forwarding to the leader comes with multi-node support: it will be
-// another applier).
+// Raft on the leader. A write sent to a follower is forwarded to the leader
+// (ClusterService.ForwardApply) and, once committed, this node waits
+// briefly until it has applied it too, so that a read sent here next sees
+// it. With no leader known a write fails with UNAVAILABLE.
 //
 // TRANSPARENT forwarding mode is accepted and committed as is; whether the
 // dataplane can serve it is the dataplane's business (it reports a rejected
@@ -37,7 +38,7 @@ var _ ikelbv1.AdminServiceServer = (*AdminServer)(nil)
 
 // NewAdminServer returns the admin API of n. Register it with
 // ikelbv1.RegisterAdminServiceServer.
-func NewAdminServer(n *Node) *AdminServer { return &AdminServer{node: n, w: n} }
+func NewAdminServer(n *Node) *AdminServer { return &AdminServer{node: n, w: forwarder{n}} }
 
 // maxCASAttempts bounds the retries of a read-modify-write on a service
 // that others modify at the same time.
@@ -455,9 +456,9 @@ func (s *AdminServer) GetNodeStatus(context.Context, *ikelbv1.GetNodeStatusReque
 	return resp, nil
 }
 
-func (s *AdminServer) GetClusterStatus(context.Context, *ikelbv1.GetClusterStatusRequest) (*ikelbv1.GetClusterStatusResponse, error) {
+func (s *AdminServer) GetClusterStatus(ctx context.Context, _ *ikelbv1.GetClusterStatusRequest) (*ikelbv1.GetClusterStatusResponse, error) {
 	st := s.node.Status()
-	members, err := s.node.Members()
+	members, err := s.node.ClusterStatus(ctx)
 	if err != nil {
 		return nil, grpcError(err)
 	}
@@ -465,16 +466,11 @@ func (s *AdminServer) GetClusterStatus(context.Context, *ikelbv1.GetClusterStatu
 		Leader: st.Leader, Term: st.Term, CommitIndex: st.CommitIndex, LastIndex: st.LastIndex,
 	}
 	for _, m := range members {
-		// Without the membership layer (memberlist) only this node's own
-		// liveness is known.
-		cm := &ikelbv1.ClusterMember{
-			Name: m.Name, RaftAddress: m.RaftAddr, Role: "voter", Suffrage: m.Suffrage, Leader: m.Leader,
-			Status: "unknown",
-		}
-		if m.Self {
-			cm.Role, cm.Status, cm.MatchIndex = st.Role, "alive", st.LastIndex
-		}
-		resp.Members = append(resp.Members, cm)
+		resp.Members = append(resp.Members, &ikelbv1.ClusterMember{
+			Name: m.Name, GossipAddress: m.GossipAddr, RaftAddress: m.RaftAddr, AdminAddress: m.AdminAddr,
+			Role: m.Role, Suffrage: m.Suffrage, Status: m.Status, Leader: m.Leader,
+			MatchIndex: m.LastIndex, Lag: m.Lag,
+		})
 	}
 	return resp, nil
 }

@@ -5,7 +5,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/hashicorp/raft"
 	"github.com/ikelb/ikelb/dataplane"
 	raftlogv1 "github.com/ikelb/ikelb/proto/raftlog/v1"
 )
@@ -21,10 +20,12 @@ type batcher struct {
 	queue chan dataplane.Proposal
 
 	dropped   atomic.Uint64 // queue full
-	notLeader atomic.Uint64 // dropped because this node is not the leader
-	failed    atomic.Uint64 // in batches raft did not commit
-	proposed  atomic.Uint64 // handed to raft
-	batches   atomic.Uint64 // entries handed to raft
+	notLeader atomic.Uint64 // dropped because no leader was known
+	failed    atomic.Uint64 // batches not committed (raft error, or forwarding failed)
+	proposed  atomic.Uint64 // handed to raft on this node (the leader)
+	forwarded atomic.Uint64 // sent to the leader (on a follower)
+	batches   atomic.Uint64 // batches handed to raft or forwarded
+	received  atomic.Uint64 // proposals other nodes forwarded to this one
 }
 
 var _ dataplane.Proposer = (*batcher)(nil)
@@ -91,17 +92,19 @@ func clientBytes(a dataplane.Addr) []byte {
 	return b
 }
 
-// batchSink commits affinity batches; the Node implements it.
+// batchSink commits affinity batches; the Node implements it (raft on the
+// leader, forwarding to the leader on a follower).
 type batchSink interface {
-	// submitBatch hands one batch to raft without waiting for it to
-	// commit; it returns the future, or false if the batch was dropped.
-	submitBatch(b *raftlogv1.AffinityBatch, proposals int) (raft.ApplyFuture, bool)
+	// submitBatch hands one batch on without waiting for it to commit; it
+	// returns the future, or false if the batch was dropped. b is reused
+	// once it returns.
+	submitBatch(b *raftlogv1.AffinityBatch, proposals int) (batchFuture, bool)
 }
 
 // run packs proposals into batches until ctx is done. Up to MaxInflight
 // batches wait for commit at once, on a second goroutine that run owns.
 func (b *batcher) run(ctx context.Context, sink batchSink) {
-	inflight := make(chan raft.ApplyFuture, b.cfg.MaxInflight)
+	inflight := make(chan batchFuture, b.cfg.MaxInflight)
 	reaped := make(chan struct{})
 	go func() {
 		defer close(reaped)

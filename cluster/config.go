@@ -8,7 +8,9 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/ikelb/ikelb/cluster/membership"
 	"github.com/ikelb/ikelb/dataplane"
+	"google.golang.org/grpc"
 )
 
 // Defaults. The raft timers are tuned for about one second of failover on a
@@ -28,6 +30,9 @@ const (
 	DefaultQueueSize          = 65536
 	DefaultMaxInflight        = 16
 	DefaultApplyTimeout       = 5 * time.Second
+	DefaultDeadServerTimeout  = 30 * time.Second
+	DefaultReconcileInterval  = 5 * time.Second
+	DefaultForwardTimeout     = 2 * time.Second
 )
 
 // Config configures a Node. The zero value of every field but Name and
@@ -44,7 +49,10 @@ type Config struct {
 	// the bound address (which must then not be unspecified).
 	RaftAdvertise string
 	// Bootstrap makes a single-voter cluster of this node if it has no Raft
-	// state yet. It is a no-op on a node with state.
+	// state yet. It is a no-op on a node with state. The rule (DESIGN.md,
+	// "Bootstrap"): only the first node of a new cluster bootstraps, and it
+	// is the one started without join addresses; a node that joins waits for
+	// the leader to add it. Validate rejects Bootstrap with Gossip.Join.
 	Bootstrap bool
 	// Logger receives the node's logs and raft's, bridged. Default: discard.
 	Logger *slog.Logger
@@ -60,8 +68,28 @@ type Config struct {
 	// Version is reported in the node status.
 	Version string
 
-	Raft  RaftConfig
-	Batch BatchConfig
+	Raft   RaftConfig
+	Batch  BatchConfig
+	Gossip GossipConfig
+
+	// AdminAddr is the host:port other nodes reach this node's gRPC server
+	// (AdminService and ClusterService) at; it is gossiped so that followers
+	// can forward writes to the leader. Required with gossip.
+	AdminAddr string
+	// DeadServerTimeout is how long a member must have been failed before
+	// the leader removes it from the Raft configuration (a member that left
+	// gracefully is removed at once). Default DefaultDeadServerTimeout.
+	DeadServerTimeout time.Duration
+	// ReconcileInterval is how often the leader reconciles membership with
+	// the Raft configuration besides on membership events. Default
+	// DefaultReconcileInterval.
+	ReconcileInterval time.Duration
+	// ForwardTimeout bounds one forwarded affinity batch (follower to
+	// leader). Default DefaultForwardTimeout.
+	ForwardTimeout time.Duration
+	// DialOptions are used to reach other nodes' ClusterService. Default:
+	// plaintext (the admin API has no transport security yet either).
+	DialOptions []grpc.DialOption
 
 	// ApplyTimeout bounds admin writes without a context deadline.
 	ApplyTimeout time.Duration
@@ -70,6 +98,10 @@ type Config struct {
 	ExpiryInterval time.Duration
 	// Now is the clock for proposals and expiry; default time.Now.
 	Now func() time.Time
+
+	// wrapStream, if set, wraps the Raft stream layer (tests cut nodes
+	// off with it).
+	wrapStream func(raft.StreamLayer) raft.StreamLayer
 }
 
 // RaftConfig holds the raft timers; see hashicorp/raft's Config.
@@ -81,6 +113,25 @@ type RaftConfig struct {
 	SnapshotInterval   time.Duration
 	SnapshotThreshold  uint64
 	TrailingLogs       uint64
+}
+
+// GossipConfig configures membership (hashicorp/memberlist through package
+// membership). An empty BindAddr disables it: the node is a cluster of one.
+type GossipConfig struct {
+	// BindAddr is the ip:port gossip listens on (UDP and TCP); port 0 picks
+	// one.
+	BindAddr string
+	// AdvertiseAddr is the address other members reach this one at;
+	// default the bound one.
+	AdvertiseAddr string
+	// Join lists gossip addresses of existing members; any one answering is
+	// enough. Join is retried in the background until it succeeds.
+	Join []string
+	// EncryptKey is the optional AES key (16, 24 or 32 bytes) for gossip.
+	EncryptKey []byte
+	// Tunables are memberlist's timers; zero fields take
+	// membership.DefaultTunables (a dead member is noticed in about 1 s).
+	Tunables membership.Tunables
 }
 
 // BatchConfig tunes the proposal batcher.
@@ -122,6 +173,9 @@ func (c Config) withDefaults() Config {
 		c.Now = time.Now
 	}
 	orDefault(&c.ApplyTimeout, DefaultApplyTimeout)
+	orDefault(&c.DeadServerTimeout, DefaultDeadServerTimeout)
+	orDefault(&c.ReconcileInterval, DefaultReconcileInterval)
+	orDefault(&c.ForwardTimeout, DefaultForwardTimeout)
 	r := &c.Raft
 	orDefault(&r.HeartbeatTimeout, DefaultHeartbeatTimeout)
 	orDefault(&r.ElectionTimeout, DefaultElectionTimeout)
@@ -161,6 +215,19 @@ func (c Config) Validate() error {
 		if _, err := net.ResolveTCPAddr("tcp", c.RaftAdvertise); err != nil {
 			bad("raft_advertise: %v", err)
 		}
+	}
+	if c.Gossip.BindAddr != "" {
+		if c.Bootstrap && len(c.Gossip.Join) > 0 {
+			bad("bootstrap: a node given join addresses must not bootstrap; the leader adds it")
+		}
+		if c.AdminAddr == "" {
+			bad("admin_addr: required with gossip (followers forward writes to the leader's)")
+		} else if _, _, err := net.SplitHostPort(c.AdminAddr); err != nil {
+			bad("admin_addr: %v", err)
+		}
+	}
+	if c.DeadServerTimeout < 0 || c.ReconcileInterval < 0 || c.ForwardTimeout < 0 {
+		bad("dead_server_timeout, reconcile_interval, forward_timeout: must not be negative")
 	}
 	r := c.Raft
 	if r.LeaderLeaseTimeout > r.HeartbeatTimeout {

@@ -23,9 +23,15 @@
 //     refreshed after the leader judged it idle.
 //   - A node restarted on the same data directory comes back with every
 //     committed service and affinity (snapshot plus log replay).
+//   - Membership is reconciled into the Raft configuration by the leader
+//     alone, idempotently, on gossip events and on a timer; it never removes
+//     itself nor more than (voters-1)/2 voters at once (DESIGN.md).
+//   - A follower forwards its proposals and admin writes to the leader; a
+//     node without a leader keeps serving from its committed table and
+//     reports itself degraded.
 //
-// Node runs one member (single-voter bootstrap for now); AdminServer
-// implements ikelb.v1.AdminService on it; Collector exports its metrics to
-// Prometheus. Forwarding follower writes to the leader, membership
-// (memberlist, autopilot) and witnesses come later; see DESIGN.md.
+// Node runs one member (Raft, gossip via package membership, the batcher
+// and the leader loop); AdminServer implements ikelb.v1.AdminService on it,
+// ClusterServer the node-to-node ikelb.v1.ClusterService; Collector exports
+// its metrics to Prometheus. See DESIGN.md.
 package cluster

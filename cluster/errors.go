@@ -65,3 +65,46 @@ func grpcError(err error) error {
 	}
 	return status.Error(c, err.Error())
 }
+
+// remoteError is an error another node returned over gRPC, mapped back to
+// this package's sentinel so that callers (the compare-and-set retry, the
+// admin API's code mapping) treat it like a local one.
+type remoteError struct {
+	sentinel error
+	msg      string
+}
+
+func (e *remoteError) Error() string { return e.msg }
+func (e *remoteError) Unwrap() error { return e.sentinel }
+
+// errorFromStatus is grpcError's inverse, for errors from another node's
+// ClusterService. A transport failure (the leader is gone) is UNAVAILABLE
+// and becomes ErrNotLeader.
+func errorFromStatus(err error) error {
+	st, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	var s error
+	switch st.Code() {
+	case codes.NotFound:
+		s = ErrNotFound
+	case codes.AlreadyExists:
+		s = ErrExists
+	case codes.Aborted:
+		s = ErrConflict
+	case codes.Unavailable:
+		s = ErrNotLeader
+	case codes.DeadlineExceeded:
+		s = ErrTimeout
+	case codes.Canceled:
+		s = context.Canceled
+	case codes.InvalidArgument:
+		s = ErrInvalid
+	case codes.FailedPrecondition:
+		s = ErrUnsupported
+	default:
+		return err
+	}
+	return &remoteError{sentinel: s, msg: st.Message()}
+}

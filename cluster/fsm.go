@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"cmp"
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -93,7 +94,12 @@ type FSM struct {
 	updates chan []dataplane.Service // 1 slot: the latest service set for the dataplane
 	changed chan struct{}            // 1 slot: services changed (wakes the leader loop)
 
-	applied atomic.Uint64 // index of the last entry applied or restored
+	applied atomic.Uint64 // index of the last entry applied
+
+	wmu sync.Mutex
+	// wmu guards wake: closed (and cleared) when applied advances, if
+	// someone waits (waitApplied).
+	wake chan struct{}
 
 	mu sync.RWMutex
 	// mu guards the following. Apply and Restore hold it for writing. The
@@ -126,7 +132,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 	if l.Type != raft.LogCommand {
 		return nil
 	}
-	defer f.applied.Store(l.Index)
+	defer f.setApplied(l.Index)
 	if len(l.Data) == 0 {
 		panic(fmt.Sprintf("cluster: corrupt raft entry at index %d: empty", l.Index))
 	}
@@ -169,6 +175,7 @@ func (f *FSM) Apply(l *raft.Log) any {
 
 // applyResult is what Apply returns for a write that succeeded.
 type applyResult struct {
+	index   uint64                   // Raft index of the entry (set by the proposer, not Apply)
 	service *raftlogv1.ServiceRecord // PutService, HealthBatch (last changed)
 	deleted uint64                   // DeleteService, DeleteAffinities, AffinityBatch expires
 	bound   uint64                   // AffinityBatch: binds that created or replaced an entry
@@ -213,8 +220,40 @@ func (f *FSM) publishLocked() {
 // set after every change; only the newest set is kept.
 func (f *FSM) Updates() <-chan []dataplane.Service { return f.updates }
 
-// AppliedIndex is the index of the last entry applied or snapshot restored.
+// AppliedIndex is the index of the last command entry applied. (After a
+// snapshot is restored it stays where it was until the next entry.)
 func (f *FSM) AppliedIndex() uint64 { return f.applied.Load() }
+
+func (f *FSM) setApplied(index uint64) {
+	f.applied.Store(index)
+	f.wmu.Lock()
+	if f.wake != nil {
+		close(f.wake)
+		f.wake = nil
+	}
+	f.wmu.Unlock()
+}
+
+// waitApplied waits until an entry at index or later has been applied, or
+// ctx is done.
+func (f *FSM) waitApplied(ctx context.Context, index uint64) error {
+	for {
+		f.wmu.Lock()
+		if f.wake == nil {
+			f.wake = make(chan struct{})
+		}
+		wake := f.wake
+		f.wmu.Unlock()
+		if f.applied.Load() >= index {
+			return nil
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
 
 var _ raft.FSM = (*FSM)(nil)
 

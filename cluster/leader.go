@@ -48,9 +48,10 @@ func (n *Node) runLeadership(ctx context.Context) {
 
 // leaderLoop is the leader's work: it makes sure the FSM has applied
 // everything committed by earlier leaders, repairs this node's own address in
-// the Raft configuration, expires idle affinities, and runs the health
-// checker, committing its transitions. Later: membership reconciliation
-// (memberlist/autopilot) belongs here too.
+// the Raft configuration, reconciles gossip membership with the Raft
+// configuration (on membership events and on a timer that repairs dropped
+// events), expires idle affinities, and runs the health checker, committing
+// its transitions.
 func (n *Node) leaderLoop(ctx context.Context) {
 	for {
 		err := n.raft.Barrier(n.cfg.ApplyTimeout).Error()
@@ -85,6 +86,18 @@ func (n *Node) leaderLoop(ctx context.Context) {
 
 	expiry := time.NewTimer(0)
 	defer expiry.Stop()
+	// Reconcile at once, then on events, on the interval, and when a
+	// pending removal falls due.
+	missingSince := map[raft.ServerID]time.Time{}
+	reconcile := time.NewTimer(0)
+	defer reconcile.Stop()
+	reconcileNow := func() {
+		next := n.cfg.ReconcileInterval
+		if d := n.reconcileMembers(ctx, missingSince); d > 0 {
+			next = min(next, d)
+		}
+		reconcile.Reset(next)
+	}
 	services := n.fsm.Services()
 	if checker != nil {
 		checker.Update(healthTargets(n.fsm.ServiceRecords()))
@@ -113,6 +126,10 @@ func (n *Node) leaderLoop(ctx context.Context) {
 			}
 		case <-hsignal:
 			commitHealth()
+		case <-n.membersChanged:
+			reconcileNow()
+		case <-reconcile.C:
+			reconcileNow()
 		case <-expiry.C:
 			commitHealth()
 			n.expire(ctx, services)

@@ -50,9 +50,11 @@ var (
 	descDegraded    = desc("degraded", "1 when the node knows no leader with quorum.")
 	descServices    = desc("services", "Committed services.")
 	descDropped     = desc("proposals_dropped_total", "Proposals dropped, by reason.", "reason")
-	descProposed    = desc("proposals_total", "Proposals handed to raft.")
-	descBatches     = desc("proposal_batches_total", "Affinity batches handed to raft.")
-	descFailed      = desc("proposal_batches_failed_total", "Affinity batches raft did not commit.")
+	descProposed    = desc("proposals_total", "Proposals handed to raft on this node, as the leader.")
+	descForwarded   = desc("proposals_forwarded_total", "Proposals sent to the leader, as a follower.")
+	descReceived    = desc("proposals_received_total", "Proposals other nodes forwarded to this one.")
+	descBatches     = desc("proposal_batches_total", "Affinity batches handed to raft or forwarded to the leader.")
+	descFailed      = desc("proposal_batches_failed_total", "Affinity batches not committed (raft error or forwarding failed).")
 )
 
 // Describe sends every metric's description.
@@ -61,7 +63,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		descSvcPackets, descSvcBytes, descSvcReplyPackets, descSvcReplyBytes, descSvcDrops, descSvcActive,
 		descBePackets, descBeBytes, descBeReplyPackets, descBeReplyBytes, descBeDrops, descBeActive, descBeHealthy,
 		descAffinities, descRaftState, descRaftTerm, descRaftLast, descRaftCommit, descRaftApplied, descDegraded,
-		descServices, descDropped, descProposed, descBatches, descFailed,
+		descServices, descDropped, descProposed, descForwarded, descReceived, descBatches, descFailed,
 	} {
 		ch <- d
 	}
@@ -128,6 +130,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descDropped, n.batcher.dropped.Load(), "queue_full")
 	counter(descDropped, n.batcher.notLeader.Load(), "not_leader")
 	counter(descProposed, n.batcher.proposed.Load())
+	counter(descForwarded, n.batcher.forwarded.Load())
+	counter(descReceived, n.batcher.received.Load())
 	counter(descBatches, n.batcher.batches.Load())
 	counter(descFailed, n.batcher.failed.Load())
 }

@@ -10,29 +10,33 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/ikelb/ikelb/cluster/membership"
 	"github.com/ikelb/ikelb/dataplane"
-	raftlogv1 "github.com/ikelb/ikelb/proto/raftlog/v1"
 	"google.golang.org/protobuf/proto"
 )
 
 // Node is one ikelb cluster member: the Raft instance with its FSM, the
 // proposal batcher, the goroutine that hands committed services to the
-// dataplane, and the leader loop. Create it with New, then Start; Shutdown
-// stops it and waits for every goroutine it started.
+// dataplane, membership (gossip) and the leader loop. Create it with New,
+// then Start; Shutdown stops it and waits for every goroutine it started.
 type Node struct {
 	// Set once by New.
-	cfg     Config
-	log     *slog.Logger
-	fsm     *FSM
-	table   *dataplane.Table
-	batcher *batcher
+	cfg            Config
+	log            *slog.Logger
+	fsm            *FSM
+	table          *dataplane.Table
+	batcher        *batcher
+	membersChanged chan struct{} // 1 slot: gossip saw a change (wakes the leader loop)
 
 	// Set once by Start.
 	dp        Dataplane
 	raft      *raft.Raft
 	transport *raft.NetworkTransport
 	stores    Stores
+	members   *membership.Members // nil without gossip
+	peers     *peers
 	started   time.Time
+	ctx       context.Context // cancelled by Shutdown
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 
@@ -63,20 +67,22 @@ func New(cfg Config) (*Node, error) {
 	}
 	log := cfg.Logger.With("node", cfg.Name)
 	n := &Node{
-		cfg:        cfg,
-		log:        log,
-		table:      table,
-		fsm:        newFSM(table, log),
-		probeError: map[backendKey]string{},
+		cfg:            cfg,
+		log:            log,
+		table:          table,
+		fsm:            newFSM(table, log),
+		membersChanged: make(chan struct{}, 1),
+		probeError:     map[backendKey]string{},
 	}
 	n.batcher = newBatcher(cfg.Batch)
 	return n, nil
 }
 
 // Start opens the stores and the Raft transport, starts Raft (bootstrapping
-// a single-voter cluster if so configured and there is no state), and starts
-// the node's goroutines. dp receives every committed service set; nil on a
-// witness.
+// a single-voter cluster if so configured and there is no state), starts
+// gossip if configured (joining in the background), and starts the node's
+// goroutines. dp receives every committed service set; nil on a witness,
+// which gossips the role "witness" and is a voter all the same.
 func (n *Node) Start(dp Dataplane) (err error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -114,18 +120,25 @@ func (n *Node) Start(dp Dataplane) (err error) {
 		}
 		advertise = a
 	}
-	tr, err := raft.NewTCPTransportWithConfig(n.cfg.RaftBindAddr, advertise, &raft.NetworkTransportConfig{
+	layer, err := newTCPStreamLayer(n.cfg.RaftBindAddr, advertise)
+	if err != nil {
+		return fmt.Errorf("raft transport on %s: %w", n.cfg.RaftBindAddr, err)
+	}
+	var stream raft.StreamLayer = layer
+	if n.cfg.wrapStream != nil {
+		stream = n.cfg.wrapStream(stream)
+	}
+	tr := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream:  stream,
 		Logger:  newHCLog(n.log, "raft-net"),
 		MaxPool: 3,
 		Timeout: 10 * time.Second,
 	})
-	if err != nil {
-		return fmt.Errorf("raft transport on %s: %w", n.cfg.RaftBindAddr, err)
-	}
 	n.transport = tr
 	closers = append(closers, tr.Close)
 
 	rc := n.cfg.raftConfig()
+	rc.Logger = newHCLog(n.log, "raft")
 	if n.cfg.Bootstrap {
 		has, err := raft.HasExistingState(n.stores.Log, n.stores.Stable, n.stores.Snapshots)
 		if err != nil {
@@ -146,15 +159,28 @@ func (n *Node) Start(dp Dataplane) (err error) {
 		return fmt.Errorf("start raft: %w", err)
 	}
 	n.raft = r
+	closers = append(closers, func() error { return r.Shutdown().Error() })
+	if n.cfg.Gossip.BindAddr != "" {
+		m, err := n.startGossip(string(tr.LocalAddr()), dp == nil)
+		if err != nil {
+			return err
+		}
+		n.members = m
+	}
+	n.peers = newPeers(n.cfg.DialOptions)
 	n.started = time.Now()
 
 	ctx, cancel := context.WithCancel(context.Background())
-	n.cancel = cancel
+	n.ctx, n.cancel = ctx, cancel
 	n.goroutine(func() { n.runDataplaneUpdates(ctx) })
 	n.goroutine(func() { n.batcher.run(ctx, n) })
 	n.goroutine(func() { n.runLeadership(ctx) })
+	if n.members != nil {
+		n.goroutine(func() { n.watchMembers(ctx) })
+		n.goroutine(func() { n.joinGossip(ctx) })
+	}
 	n.state = stateRunning
-	n.log.Info("node started", "raft_addr", string(tr.LocalAddr()), "data_dir", n.cfg.DataDir)
+	n.log.Info("node started", "raft_addr", string(tr.LocalAddr()), "gossip_addr", n.GossipAddr(), "data_dir", n.cfg.DataDir)
 	return nil
 }
 
@@ -179,9 +205,10 @@ func (n *Node) tryGoroutine(fn func()) bool {
 	return true
 }
 
-// Shutdown stops the node: the leader loop and batcher, then Raft, then the
-// transport and stores. It waits for every goroutine the node started and is
-// safe to call more than once.
+// Shutdown stops the node: the leader loop and batcher, then Raft, then
+// gossip (without leaving: the others see this node fail; call Leave first
+// to leave for good), the transport and stores. It waits for every
+// goroutine the node started and is safe to call more than once.
 func (n *Node) Shutdown() error {
 	n.mu.Lock()
 	if n.state != stateRunning {
@@ -198,6 +225,12 @@ func (n *Node) Shutdown() error {
 		errs = append(errs, fmt.Errorf("raft shutdown: %w", err))
 	}
 	n.wg.Wait()
+	if n.members != nil {
+		if err := n.members.Shutdown(); err != nil {
+			errs = append(errs, fmt.Errorf("gossip shutdown: %w", err))
+		}
+	}
+	n.peers.close()
 	if err := n.transport.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close raft transport: %w", err))
 	}
@@ -254,8 +287,7 @@ func (n *Node) RaftAddr() string { return string(n.transport.LocalAddr()) }
 // IsLeader reports whether this node is the Raft leader.
 func (n *Node) IsLeader() bool { return n.running() && n.raft.State() == raft.Leader }
 
-// notLeaderError names the leader, if one is known, so that a client can go
-// there (forwarding to the leader comes with multi-node support).
+// notLeaderError names the leader, if one is known.
 func (n *Node) notLeaderError() error {
 	addr, id := n.raft.LeaderWithID()
 	if addr == "" {
@@ -278,8 +310,9 @@ func (n *Node) raftError(err error) error {
 	return err
 }
 
-// applier commits log entries. The Node implements it for the leader; a
-// follower will forward to the leader through another implementation.
+// applier commits log entries. The Node implements it for the leader (its
+// own leader loop uses it); forwarder implements it for the admin API, and
+// forwards to the leader from a follower.
 type applier interface {
 	applyEntry(ctx context.Context, t entryType, m proto.Message) (applyResult, error)
 }
@@ -328,28 +361,10 @@ func (n *Node) applyEntry(ctx context.Context, t entryType, m proto.Message) (ap
 	case error:
 		return applyResult{}, r
 	case applyResult:
+		r.index = f.Index()
 		return r, nil
 	}
-	return applyResult{}, nil
-}
-
-// submitBatch hands an affinity batch to raft without waiting. On a node
-// that is not the leader the batch is dropped and counted: forwarding to the
-// leader comes with multi-node support.
-func (n *Node) submitBatch(b *raftlogv1.AffinityBatch, proposals int) (raft.ApplyFuture, bool) {
-	if n.raft.State() != raft.Leader {
-		n.batcher.notLeader.Add(uint64(proposals))
-		return nil, false
-	}
-	data, err := encodeEntry(entryAffinityBatch, b)
-	if err != nil {
-		n.log.Error("encode affinity batch", "error", err)
-		n.batcher.failed.Add(1)
-		return nil, false
-	}
-	n.batcher.proposed.Add(uint64(proposals))
-	n.batcher.batches.Add(1)
-	return n.raft.Apply(data, n.cfg.ApplyTimeout), true
+	return applyResult{index: f.Index()}, nil
 }
 
 // probeErrorOf returns the last probe error the leader's checker reported

@@ -61,13 +61,31 @@ func (e *fakeEngine) latest() []dataplane.Service {
 }
 
 func testLogger(t testing.TB) *slog.Logger {
-	return slog.New(slog.NewTextHandler(tlogWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	w := &tlogWriter{t: t}
+	// Cleanups run last-registered first, so this runs after the nodes
+	// created later have stopped; memberlist's own goroutines may still log
+	// after its Shutdown, and t.Log after the test has ended panics.
+	t.Cleanup(func() {
+		w.mu.Lock()
+		w.done = true
+		w.mu.Unlock()
+	})
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
-type tlogWriter struct{ t testing.TB }
+// tlogWriter sends log lines to t.Log until the test's cleanups are done.
+type tlogWriter struct {
+	t    testing.TB
+	mu   sync.Mutex
+	done bool
+}
 
-func (w tlogWriter) Write(p []byte) (int, error) {
-	w.t.Log(string(p[:len(p)-1]))
+func (w *tlogWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(string(p[:len(p)-1]))
+	}
 	return len(p), nil
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	_ "embed"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -69,15 +70,59 @@ type ClusterConfig struct {
 	// Role is "voter" (a Raft voter with a dataplane) or "witness" (a voter
 	// without a dataplane, to keep quorum for an HA pair).
 	Role string `yaml:"role"`
-	// GossipAddress is memberlist's bind address; empty: single node.
+	// GossipAddress is memberlist's bind address (UDP and TCP); empty:
+	// single node.
 	GossipAddress string `yaml:"gossip_address"`
-	// Join lists any members' gossip addresses to join at start.
+	// GossipAdvertiseAddress is the address other members reach this one's
+	// gossip at; default gossip_address.
+	GossipAdvertiseAddress string `yaml:"gossip_advertise_address"`
+	// AdminAdvertiseAddress is the address other members reach this node's
+	// gRPC server (admin and node-to-node API) at, to forward writes to the
+	// leader. Default: admin_address, or, when that is a wildcard, the Raft
+	// advertise host with the admin port.
+	AdminAdvertiseAddress string `yaml:"admin_advertise_address"`
+	// Join lists any members' gossip addresses to join at start. Empty only
+	// on the very first start of the first node: a node with no Raft state
+	// and no join addresses bootstraps a new cluster (see cluster/DESIGN.md,
+	// "Bootstrap").
 	Join []string `yaml:"join"`
 	// EncryptKey is an optional base64 AES key (16, 24 or 32 bytes) for gossip.
 	EncryptKey string `yaml:"encrypt_key"`
 	// DeadServerTimeout: how long a failed member stays a Raft voter before
 	// the leader removes it.
 	DeadServerTimeout time.Duration `yaml:"dead_server_timeout"`
+	// ReconcileInterval: how often the leader reconciles gossip with the
+	// Raft configuration, besides on every membership event.
+	ReconcileInterval time.Duration `yaml:"reconcile_interval"`
+	// GossipTimers are memberlist's failure-detector timers.
+	GossipTimers GossipTimers `yaml:"gossip_timers"`
+}
+
+// GossipTimers are memberlist's timers (cluster/membership.Tunables).
+type GossipTimers struct {
+	ProbeInterval           time.Duration `yaml:"probe_interval"`
+	ProbeTimeout            time.Duration `yaml:"probe_timeout"`
+	SuspicionMult           int           `yaml:"suspicion_mult"`
+	SuspicionMaxTimeoutMult int           `yaml:"suspicion_max_timeout_mult"`
+	GossipInterval          time.Duration `yaml:"gossip_interval"`
+	PushPullInterval        time.Duration `yaml:"push_pull_interval"`
+	TCPTimeout              time.Duration `yaml:"tcp_timeout"`
+	DeadNodeReclaimTime     time.Duration `yaml:"dead_node_reclaim_time"`
+}
+
+// encryptKey decodes cluster.encrypt_key (nil when empty).
+func (c *ClusterConfig) encryptKey() ([]byte, error) {
+	if c.EncryptKey == "" {
+		return nil, nil
+	}
+	k, err := base64.StdEncoding.DecodeString(c.EncryptKey)
+	if err != nil {
+		return nil, fmt.Errorf("cluster.encrypt_key: not base64: %w", err)
+	}
+	if n := len(k); n != 16 && n != 24 && n != 32 {
+		return nil, fmt.Errorf("cluster.encrypt_key: must decode to 16, 24 or 32 bytes, got %d", n)
+	}
+	return k, nil
 }
 
 // LoadConfig reads the embedded default, then overlays FILE if given.
@@ -187,8 +232,38 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("cluster.join[%d]: %q is not host:port", i, j)
 		}
 	}
-	if c.Cluster.DeadServerTimeout <= 0 {
-		return fmt.Errorf("cluster.dead_server_timeout: must be a positive duration, got %v", c.Cluster.DeadServerTimeout)
+	if err := checkHostPort("cluster.gossip_advertise_address", c.Cluster.GossipAdvertiseAddress, true); err != nil {
+		return err
+	}
+	if err := checkHostPort("cluster.admin_advertise_address", c.Cluster.AdminAdvertiseAddress, true); err != nil {
+		return err
+	}
+	if _, err := c.Cluster.encryptKey(); err != nil {
+		return err
+	}
+	g := c.Cluster.GossipTimers
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"cluster.dead_server_timeout", c.Cluster.DeadServerTimeout},
+		{"cluster.reconcile_interval", c.Cluster.ReconcileInterval},
+		{"cluster.gossip_timers.probe_interval", g.ProbeInterval},
+		{"cluster.gossip_timers.probe_timeout", g.ProbeTimeout},
+		{"cluster.gossip_timers.gossip_interval", g.GossipInterval},
+		{"cluster.gossip_timers.push_pull_interval", g.PushPullInterval},
+		{"cluster.gossip_timers.tcp_timeout", g.TCPTimeout},
+		{"cluster.gossip_timers.dead_node_reclaim_time", g.DeadNodeReclaimTime},
+	} {
+		if d.v <= 0 {
+			return fmt.Errorf("%s: must be a positive duration, got %v", d.name, d.v)
+		}
+	}
+	if g.ProbeTimeout >= g.ProbeInterval {
+		return fmt.Errorf("cluster.gossip_timers.probe_timeout: %v must be less than probe_interval %v", g.ProbeTimeout, g.ProbeInterval)
+	}
+	if g.SuspicionMult < 1 || g.SuspicionMaxTimeoutMult < 1 {
+		return fmt.Errorf("cluster.gossip_timers.suspicion_mult, suspicion_max_timeout_mult: must be at least 1")
 	}
 	// spec's messages already carry the services[i]… path and line.
 	return spec.Validate(c.Services)

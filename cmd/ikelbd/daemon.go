@@ -1,12 +1,15 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
+	"strconv"
 	"sync"
 	"time"
 
@@ -21,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/ikelb/ikelb/cluster"
+	"github.com/ikelb/ikelb/cluster/membership"
 	"github.com/ikelb/ikelb/cmd/internal/hostnet"
 	"github.com/ikelb/ikelb/cmd/internal/spec"
 	"github.com/ikelb/ikelb/dataplane"
@@ -57,13 +61,31 @@ func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (d *daem
 			d.Close()
 		}
 	}()
+	// The admin listener comes first: its address is gossiped, so that
+	// followers can forward writes to the leader's.
+	lis, err := net.Listen("tcp", cfg.AdminAddress)
+	if err != nil {
+		return nil, fmt.Errorf("admin_address: %w", err)
+	}
+	defer func() {
+		if err != nil && d.grpc == nil {
+			lis.Close()
+		}
+	}()
+	d.AdminAddr = lis.Addr()
+	gossip, err := gossipConfig(cfg, d.AdminAddr)
+	if err != nil {
+		return nil, err
+	}
 	table := dataplane.NewTable()
 	node, err := cluster.New(cluster.Config{
 		Name:          cfg.Node,
 		DataDir:       cfg.DataDir,
 		RaftBindAddr:  cfg.Raft.BindAddress,
 		RaftAdvertise: cfg.Raft.AdvertiseAddress,
-		Bootstrap:     cfg.Cluster.GossipAddress == "",
+		// Only a node started without join addresses bootstraps (and only
+		// if it has no Raft state): see cluster/DESIGN.md "Bootstrap".
+		Bootstrap:     len(cfg.Cluster.Join) == 0,
 		Logger:        logger,
 		Table:         table,
 		HealthChecker: cluster.NewProbeChecker(logger),
@@ -82,6 +104,10 @@ func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (d *daem
 			Linger:    cfg.Raft.BatchLinger,
 			QueueSize: cfg.Raft.QueueSize,
 		},
+		Gossip:            gossip.Gossip,
+		AdminAddr:         gossip.AdminAddr,
+		DeadServerTimeout: cfg.Cluster.DeadServerTimeout,
+		ReconcileInterval: cfg.Cluster.ReconcileInterval,
 	})
 	if err != nil {
 		return nil, err
@@ -105,13 +131,9 @@ func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (d *daem
 	}
 	d.node = node
 
-	lis, err := net.Listen("tcp", cfg.AdminAddress)
-	if err != nil {
-		return nil, fmt.Errorf("admin_address: %w", err)
-	}
-	d.AdminAddr = lis.Addr()
 	d.grpc = grpc.NewServer()
 	ikelbv1.RegisterAdminServiceServer(d.grpc, cluster.NewAdminServer(node))
+	ikelbv1.RegisterClusterServiceServer(d.grpc, cluster.NewClusterServer(node))
 	d.health = health.NewServer()
 	healthpb.RegisterHealthServer(d.grpc, d.health)
 	reflection.Register(d.grpc)
@@ -266,4 +288,51 @@ func (d *daemon) Close() error {
 	}
 	d.wg.Wait()
 	return errors.Join(errs...)
+}
+
+// gossipSettings are the cluster.Config fields for membership.
+type gossipSettings struct {
+	Gossip    cluster.GossipConfig
+	AdminAddr string
+}
+
+// gossipConfig derives the membership settings from cfg; admin is the bound
+// admin address. Without cluster.gossip_address the node is a cluster of one.
+func gossipConfig(cfg *Config, admin net.Addr) (gossipSettings, error) {
+	c := cfg.Cluster
+	if c.GossipAddress == "" {
+		return gossipSettings{}, nil
+	}
+	key, err := c.encryptKey()
+	if err != nil {
+		return gossipSettings{}, err
+	}
+	adminAddr := c.AdminAdvertiseAddress
+	if adminAddr == "" {
+		adminAddr = admin.String()
+		if ap, err := netip.ParseAddrPort(adminAddr); err == nil && ap.Addr().IsUnspecified() {
+			raftAddr := cmp.Or(cfg.Raft.AdvertiseAddress, cfg.Raft.BindAddress)
+			host, _, err := net.SplitHostPort(raftAddr)
+			if err != nil {
+				return gossipSettings{}, fmt.Errorf("cluster.admin_advertise_address: cannot derive it from raft address %q: %w", raftAddr, err)
+			}
+			adminAddr = net.JoinHostPort(host, strconv.Itoa(int(ap.Port())))
+		}
+	}
+	t := c.GossipTimers
+	return gossipSettings{
+		Gossip: cluster.GossipConfig{
+			BindAddr:      c.GossipAddress,
+			AdvertiseAddr: c.GossipAdvertiseAddress,
+			Join:          c.Join,
+			EncryptKey:    key,
+			Tunables: membership.Tunables{
+				ProbeInterval: t.ProbeInterval, ProbeTimeout: t.ProbeTimeout,
+				SuspicionMult: t.SuspicionMult, SuspicionMaxTimeoutMult: t.SuspicionMaxTimeoutMult,
+				GossipInterval: t.GossipInterval, PushPullInterval: t.PushPullInterval,
+				TCPTimeout: t.TCPTimeout, DeadNodeReclaimTime: t.DeadNodeReclaimTime,
+			},
+		},
+		AdminAddr: adminAddr,
+	}, nil
 }
