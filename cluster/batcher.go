@@ -16,11 +16,13 @@ import (
 // first (the FSM would too) and repeated touches keep the latest time.
 type batcher struct {
 	// Set once.
-	cfg   BatchConfig
-	queue chan dataplane.Proposal
+	cfg     BatchConfig
+	queue   chan dataplane.Proposal
+	requeue chan *raftlogv1.AffinityBatch // batches that failed to commit, sent again
 
-	dropped   atomic.Uint64 // queue full
-	notLeader atomic.Uint64 // dropped because no leader was known
+	dropped   atomic.Uint64 // queue full, or too many held while no leader was reachable
+	held      atomic.Int64  // proposals waiting for a leader (degraded), gauge
+	requeued  atomic.Uint64 // proposals of failed batches put back to be sent again
 	failed    atomic.Uint64 // batches not committed (raft error, or forwarding failed)
 	proposed  atomic.Uint64 // handed to raft on this node (the leader)
 	forwarded atomic.Uint64 // sent to the leader (on a follower)
@@ -31,8 +33,12 @@ type batcher struct {
 var _ dataplane.Proposer = (*batcher)(nil)
 
 func newBatcher(cfg BatchConfig) *batcher {
-	return &batcher{cfg: cfg, queue: make(chan dataplane.Proposal, cfg.QueueSize)}
+	return &batcher{cfg: cfg, queue: make(chan dataplane.Proposal, cfg.QueueSize), requeue: make(chan *raftlogv1.AffinityBatch, cfg.MaxInflight)}
 }
+
+// holdRetry is how often a batch held while no leader is reachable is
+// offered again.
+const holdRetry = 250 * time.Millisecond
 
 // Propose enqueues p; when the queue is full it counts p as dropped and
 // returns false. It never blocks.
@@ -86,6 +92,26 @@ func (p *pending) add(pr dataplane.Proposal) {
 	}
 }
 
+// merge puts a batch that failed to commit back into p, so its binds and
+// touches are sent again (Apply is idempotent for both: first writer wins,
+// last-seen only grows).
+func (p *pending) merge(b *raftlogv1.AffinityBatch) {
+	for _, x := range b.Binds {
+		c, ok := clientFromBytes(x.Client)
+		if !ok {
+			continue
+		}
+		p.add(dataplane.Proposal{Kind: dataplane.ProposeBind, Key: dataplane.ClientKey{Service: x.ServiceId, Client: c}, Backend: x.BackendId, At: x.AtNs})
+	}
+	for _, x := range b.Touches {
+		c, ok := clientFromBytes(x.Client)
+		if !ok {
+			continue
+		}
+		p.add(dataplane.Proposal{Kind: dataplane.ProposeTouch, Key: dataplane.ClientKey{Service: x.ServiceId, Client: c}, At: x.AtNs})
+	}
+}
+
 func clientBytes(a dataplane.Addr) []byte {
 	b := make([]byte, 16)
 	copy(b, a[:])
@@ -103,14 +129,30 @@ type batchSink interface {
 
 // run packs proposals into batches until ctx is done. Up to MaxInflight
 // batches wait for commit at once, on a second goroutine that run owns.
+//
+// Nothing is given up while the cluster is degraded: when no leader is
+// reachable the batch is held (new proposals still merge into it, up to
+// QueueSize distinct clients; beyond that they are dropped and counted) and
+// offered again every holdRetry; a batch that fails to commit (a leader
+// change, a forwarding error) is merged back and sent again. So a node cut
+// off from its peers commits what its clients did once quorum returns.
 func (b *batcher) run(ctx context.Context, sink batchSink) {
-	inflight := make(chan batchFuture, b.cfg.MaxInflight)
+	type sent struct {
+		f     batchFuture
+		batch *raftlogv1.AffinityBatch
+	}
+	inflight := make(chan sent, b.cfg.MaxInflight)
 	reaped := make(chan struct{})
 	go func() {
 		defer close(reaped)
-		for f := range inflight {
-			if err := f.Error(); err != nil {
+		for s := range inflight {
+			if err := s.f.Error(); err != nil {
 				b.failed.Add(1)
+				select {
+				case b.requeue <- s.batch:
+				default:
+					b.dropped.Add(uint64(len(s.batch.Binds) + len(s.batch.Touches)))
+				}
 			}
 		}
 	}()
@@ -120,34 +162,71 @@ func (b *batcher) run(ctx context.Context, sink batchSink) {
 	}()
 
 	p := &pending{binds: map[dataplane.ClientKey]struct{}{}, touches: map[dataplane.ClientKey]int{}}
+	take := func(pr dataplane.Proposal) {
+		if p.n >= b.cfg.QueueSize {
+			b.dropped.Add(1)
+			return
+		}
+		p.add(pr)
+	}
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	holding := false
 	for {
+		if holding {
+			// Degraded: keep merging until it is time to offer the batch again.
+			retry.Reset(holdRetry)
+		wait:
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case pr := <-b.queue:
+					take(pr)
+				case rb := <-b.requeue:
+					p.merge(rb)
+				case <-retry.C:
+					break wait
+				}
+			}
+		} else {
+			select {
+			case <-ctx.Done():
+				return
+			case pr := <-b.queue:
+				take(pr)
+			case rb := <-b.requeue:
+				b.requeued.Add(uint64(len(rb.Binds) + len(rb.Touches)))
+				p.merge(rb)
+			}
+			linger.Reset(b.cfg.Linger)
+		fill:
+			for p.n < b.cfg.MaxBatch {
+				select {
+				case pr := <-b.queue:
+					take(pr)
+				case <-linger.C:
+					break fill
+				case <-ctx.Done():
+					return
+				}
+			}
+			linger.Stop()
+		}
+		f, ok := sink.submitBatch(&p.batch, p.n)
+		if !ok {
+			holding = true
+			b.held.Store(int64(p.n))
+			continue
+		}
+		holding = false
+		b.held.Store(0)
 		select {
+		case inflight <- sent{f, &raftlogv1.AffinityBatch{Binds: p.batch.Binds, Touches: p.batch.Touches}}:
 		case <-ctx.Done():
 			return
-		case pr := <-b.queue:
-			p.add(pr)
-		}
-		linger.Reset(b.cfg.Linger)
-	fill:
-		for p.n < b.cfg.MaxBatch {
-			select {
-			case pr := <-b.queue:
-				p.add(pr)
-			case <-linger.C:
-				break fill
-			case <-ctx.Done():
-				return
-			}
-		}
-		linger.Stop()
-		if f, ok := sink.submitBatch(&p.batch, p.n); ok {
-			select {
-			case inflight <- f:
-			case <-ctx.Done():
-				return
-			}
 		}
 		p.reset()
 	}

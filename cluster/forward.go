@@ -97,12 +97,12 @@ func (n *Node) submitBatch(b *raftlogv1.AffinityBatch, proposals int) (batchFutu
 		return n.raft.Apply(data, n.cfg.ApplyTimeout), true
 	}
 	if n.members == nil {
-		n.batcher.notLeader.Add(uint64(proposals))
+		// No leader reachable: the batcher holds the batch and offers it again.
 		return nil, false
 	}
 	_, c, err := n.leaderClient()
 	if err != nil {
-		n.batcher.notLeader.Add(uint64(proposals))
+		// No leader reachable: the batcher holds the batch and offers it again.
 		return nil, false
 	}
 	// The batcher reuses its pending batch once this returns; the RPC

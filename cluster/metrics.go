@@ -51,6 +51,8 @@ var (
 	descServices    = desc("services", "Committed services.")
 	descDropped     = desc("proposals_dropped_total", "Proposals dropped, by reason.", "reason")
 	descProposed    = desc("proposals_total", "Proposals handed to raft on this node, as the leader.")
+	descHeld        = desc("proposals_held", "Proposals held while no leader is reachable (degraded), sent once one is.")
+	descRequeued    = desc("proposals_requeued_total", "Proposals of batches that failed to commit, sent again.")
 	descForwarded   = desc("proposals_forwarded_total", "Proposals sent to the leader, as a follower.")
 	descReceived    = desc("proposals_received_total", "Proposals other nodes forwarded to this one.")
 	descBatches     = desc("proposal_batches_total", "Affinity batches handed to raft or forwarded to the leader.")
@@ -63,7 +65,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		descSvcPackets, descSvcBytes, descSvcReplyPackets, descSvcReplyBytes, descSvcDrops, descSvcActive,
 		descBePackets, descBeBytes, descBeReplyPackets, descBeReplyBytes, descBeDrops, descBeActive, descBeHealthy,
 		descAffinities, descRaftState, descRaftTerm, descRaftLast, descRaftCommit, descRaftApplied, descDegraded,
-		descServices, descDropped, descProposed, descForwarded, descReceived, descBatches, descFailed,
+		descServices, descDropped, descHeld, descRequeued, descProposed, descForwarded, descReceived, descBatches, descFailed,
 	} {
 		ch <- d
 	}
@@ -128,7 +130,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(descDegraded, deg)
 	counter(descDropped, n.batcher.dropped.Load(), "queue_full")
-	counter(descDropped, n.batcher.notLeader.Load(), "not_leader")
+	gauge(descHeld, float64(n.batcher.held.Load()))
+	counter(descRequeued, n.batcher.requeued.Load())
 	counter(descProposed, n.batcher.proposed.Load())
 	counter(descForwarded, n.batcher.forwarded.Load())
 	counter(descReceived, n.batcher.received.Load())

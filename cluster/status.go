@@ -46,7 +46,7 @@ func (n *Node) Status() Status {
 		RaftState:        raft.Shutdown.String(),
 		Services:         len(n.fsm.Services()),
 		Affinities:       n.fsm.Len(),
-		ProposalsDropped: n.batcher.dropped.Load() + n.batcher.notLeader.Load(),
+		ProposalsDropped: n.batcher.dropped.Load(),
 		ProposalsFailed:  n.batcher.failed.Load(),
 		Proposed:         n.batcher.proposed.Load(),
 		Forwarded:        n.batcher.forwarded.Load(),
