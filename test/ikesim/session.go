@@ -39,12 +39,16 @@ type SessionResult struct {
 	Start, End  time.Time
 	FirstAnswer time.Time
 	LastAnswer  time.Time
+	// ReachedEnd: the server still answered during the last second of the
+	// session (or the last 5 intervals, whichever is longer).
+	ReachedEnd bool
 }
 
-// Kept reports whether the client connected, was answered throughout by the
-// one server it connected to, and never reached another.
+// Kept reports whether the client connected, never reached another server
+// than the one it connected to, and was still being answered by it when the
+// session ended (the last answer within ReachedEnd's slack).
 func (r SessionResult) Kept() bool {
-	return r.Err == nil && !r.Split && r.UnknownSA == 0 && len(r.Servers) == 1 && r.Servers[0] == r.IKEResponder
+	return r.Err == nil && !r.Split && r.UnknownSA == 0 && len(r.Servers) == 1 && r.Servers[0] == r.IKEResponder && r.ReachedEnd
 }
 
 // Run connects and then runs the session until Duration has passed or ctx
@@ -80,6 +84,7 @@ func (s Session) Run(ctx context.Context) (res SessionResult) {
 	}
 
 	dst := netip.AddrPortFrom(s.VIP, s.NATTPort)
+	natt.SetReadDeadline(time.Time{}) // the connect's exchanges left one set
 	var (
 		mu      sync.Mutex
 		lastAns time.Time
@@ -176,10 +181,11 @@ loop:
 	<-done
 	mu.Lock()
 	defer mu.Unlock()
-	res.End = time.Now()
-	if gap := res.End.Sub(lastAns) - s.Timeout; gap > res.MaxGap {
+	res.End = time.Now().Add(-s.Timeout)
+	if gap := res.End.Sub(lastAns); gap > res.MaxGap {
 		res.MaxGap = gap
 	}
+	res.ReachedEnd = !res.LastAnswer.IsZero() && res.End.Sub(res.LastAnswer) <= max(time.Second, 5*s.Interval)
 	return res
 }
 

@@ -76,6 +76,7 @@ type SessionLine struct {
 	NATTResponder string   `json:"natt_responder"`
 	Servers       []string `json:"servers"`
 	Kept          bool     `json:"kept"`
+	ReachedEnd    bool     `json:"reached_end"`
 	Checks        int      `json:"checks"`
 	Answered      int      `json:"answered"`
 	UnknownSA     int      `json:"unknown_sa"`
@@ -126,7 +127,7 @@ func sessions(args []string) error {
 		l := SessionLine{
 			Client: r.IKESource.String(), NATTSource: r.NATTSource.String(),
 			IKEResponder: r.IKEResponder, NATTResponder: r.NATTResponder, Servers: r.Servers,
-			Kept: r.Kept(), Checks: r.Checks, Answered: r.Answered, UnknownSA: r.UnknownSA,
+			Kept: r.Kept(), ReachedEnd: r.ReachedEnd, Checks: r.Checks, Answered: r.Answered, UnknownSA: r.UnknownSA,
 			MaxGapMS: float64(r.MaxGap) / float64(time.Millisecond),
 		}
 		if r.Err != nil {
