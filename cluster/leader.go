@@ -8,9 +8,40 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/ikelb/ikelb/cluster/membership"
 	"github.com/ikelb/ikelb/dataplane"
 	raftlogv1 "github.com/ikelb/ikelb/proto/raftlog/v1"
 )
+
+// handOffLeadership transfers leadership from this witness to an alive
+// voter with a dataplane, which runs the health checks the witness cannot.
+// It is a no-op when there is none; the leader loop tries again on its
+// reconcile timer.
+func (n *Node) handOffLeadership() {
+	if n.members == nil {
+		return
+	}
+	voters := map[raft.ServerID]raft.ServerAddress{}
+	if f := n.raft.GetConfiguration(); f.Error() == nil {
+		for _, s := range f.Configuration().Servers {
+			if s.Suffrage == raft.Voter {
+				voters[s.ID] = s.Address
+			}
+		}
+	}
+	for _, m := range n.members.Members() {
+		addr, ok := voters[raft.ServerID(m.Name)]
+		if !ok || m.Name == n.cfg.Name || m.Status != membership.StatusAlive || m.Meta.Role != membership.RoleVoter {
+			continue
+		}
+		n.log.Info("witness transfers leadership to a node with a dataplane", "to", m.Name)
+		if err := n.raft.LeadershipTransferToServer(raft.ServerID(m.Name), addr).Error(); err != nil {
+			n.log.Warn("leadership transfer failed", "to", m.Name, "error", err)
+			continue
+		}
+		return
+	}
+}
 
 // runLeadership starts the leader loop when this node becomes the leader
 // and stops it (waiting for it) when leadership is lost or ctx is done.
@@ -64,6 +95,12 @@ func (n *Node) leaderLoop(ctx context.Context) {
 		}
 	}
 	n.reconcileSelf()
+	if n.dp == nil {
+		// A witness has no dataplane and, usually, no path to the backends:
+		// it must neither probe them (it would commit them all down) nor stay
+		// leader while a node that can is available.
+		n.handOffLeadership()
+	}
 
 	var (
 		checker HealthChecker
@@ -71,7 +108,7 @@ func (n *Node) leaderLoop(ctx context.Context) {
 		hq      []HealthTransition
 		hsignal = make(chan struct{}, 1)
 	)
-	if n.cfg.HealthChecker != nil {
+	if n.cfg.HealthChecker != nil && n.dp != nil {
 		checker = n.cfg.HealthChecker(func(t HealthTransition) {
 			hmu.Lock()
 			hq = append(hq, t)
@@ -130,6 +167,9 @@ func (n *Node) leaderLoop(ctx context.Context) {
 			reconcileNow()
 		case <-reconcile.C:
 			reconcileNow()
+			if n.dp == nil {
+				n.handOffLeadership()
+			}
 		case <-expiry.C:
 			commitHealth()
 			n.expire(ctx, services)

@@ -268,7 +268,7 @@ func TestNodeHealthTransitionsCommitted(t *testing.T) {
 		fc.mu.Unlock()
 		return fc
 	}
-	n := startNode(t, cfg, nil)
+	n := startNode(t, cfg, &fakeEngine{}) // a witness (no dataplane) runs no checks
 	mustCreate(t, n, apiService("vpn", "10.0.0.1", "10.1.0.1", "10.1.0.2"))
 	none := apiService("plain", "10.0.0.2", "10.1.0.1")
 	none.HealthCheck = &ikelbv1.HealthCheck{Type: ikelbv1.HealthCheckType_HEALTH_CHECK_TYPE_NONE}
