@@ -21,8 +21,42 @@ import (
 // reader always walks a consistent chain. See DESIGN.md for the memory
 // measurement.
 type Table struct {
-	buckets atomic.Pointer[bucketArray]
-	count   atomic.Int64 // written by the writer only
+	buckets  atomic.Pointer[bucketArray]
+	count    atomic.Int64 // written by the writer only
+	observer atomic.Pointer[observerBox]
+}
+
+// TableObserver is told, on the writer's goroutine, which bindings changed:
+// an insert, a re-bind (another backend or created time) or a delete;
+// last-seen touches are not reported. It gets only the key: the consumer
+// reads the current entry with Lookup, so changes may be coalesced,
+// reordered or re-read without ever converging on a stale state.
+// Both methods must return promptly and never block (the writer is the
+// Raft FSM); ChangeQueue is the implementation to use.
+type TableObserver interface {
+	// Changed reports that k's binding was inserted, re-bound or deleted.
+	Changed(k ClientKey)
+	// Reset reports that every entry was removed (Reset; a snapshot
+	// restore then Puts its entries).
+	Reset()
+}
+
+type observerBox struct{ o TableObserver }
+
+// SetObserver installs o (nil removes it). It may be called from any
+// goroutine; writes after it returns are reported to o.
+func (t *Table) SetObserver(o TableObserver) {
+	if o == nil {
+		t.observer.Store(nil)
+		return
+	}
+	t.observer.Store(&observerBox{o})
+}
+
+func (t *Table) changed(k ClientKey) {
+	if b := t.observer.Load(); b != nil {
+		b.o.Changed(k)
+	}
 }
 
 type bucketArray struct {
@@ -117,6 +151,7 @@ func (t *Table) Put(k ClientKey, e Entry) {
 		nn.lastSeen.Store(e.LastSeen)
 		nn.next.Store(n.next.Load())
 		prev.Store(nn) // readers see the old node or the new one, never a mix
+		t.changed(k)
 		return
 	}
 	nn := &tableNode{key: k, backend: e.Backend, created: e.Created}
@@ -126,6 +161,7 @@ func (t *Table) Put(k ClientKey, e Entry) {
 	if c := t.count.Add(1); c > int64(len(a.slots))*maxLoad {
 		t.grow(a)
 	}
+	t.changed(k)
 }
 
 // Delete removes k and reports whether it was present. Writer only.
@@ -140,6 +176,7 @@ func (t *Table) Delete(k ClientKey) bool {
 			// Unlinking leaves n.next intact: a reader standing on n walks on.
 			prev.Store(n.next.Load())
 			t.count.Add(-1)
+			t.changed(k)
 			return true
 		}
 	}
@@ -150,6 +187,9 @@ func (t *Table) Delete(k ClientKey) bool {
 func (t *Table) Reset() {
 	t.buckets.Store(newBucketArray(minBuckets))
 	t.count.Store(0)
+	if b := t.observer.Load(); b != nil {
+		b.o.Reset()
+	}
 }
 
 // Range calls fn for every entry until fn returns false. It sees a

@@ -30,6 +30,27 @@
 //   - Errors are wrapped; a missing privilege is reported as ErrPermission
 //     ("transparent mode needs CAP_NET_ADMIN: …").
 //
+// FastPath is the kernel fast path for nat-mode services (WrapFast wires it
+// in): it owns the tables "ip ikelb_fast" and "ip6 ikelb_fast" (apart from
+// Manager's, which Apply replaces wholesale), and keeps per service
+//
+//	map aff_ID { client → backend }   exactly the committed affinities whose backend is Usable
+//	raw prerouting:  ip daddr VIP udp dport @ports_ID ip saddr != @aff_ID notrack
+//	raw output:      ip saddr VIP udp sport @ports_ID notrack
+//	nat prerouting:  ip daddr VIP udp dport @ports_ID dnat to ip saddr map @aff_ID
+//	nat postrouting: ct status dnat ct original ip daddr VIP ct original proto-dst @ports_ID masquerade (or snat to SNAT)
+//	forward:         the same ct match: counter fwd_ID / rep_ID, add @seen_ID { ip saddr }
+//
+// Guarantees: it never blocks the table's writer (changes reach it through
+// a bounded dataplane.ChangeQueue; an overflow or Reset resyncs from Range);
+// changes are applied in one nft transaction per batch (BatchDelay or
+// BatchMax); a client whose backend leaves the map (removed, re-bound, no
+// longer Usable) also loses its conntrack entries to the VIP, so its next
+// packet goes to userspace (or the new backend); clients the kernel
+// forwards are touched (Proposer) every min(Timeout/4, 30 s); Close
+// removes both tables. Why the rules look like this: dataplane/DESIGN.md
+// "Kernel fast path".
+//
 // Dataplane wraps a *dataplane.Engine so that every committed service set
 // the cluster hands to the engine also reconciles the host.
 package hostnet

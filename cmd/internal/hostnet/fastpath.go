@@ -1,0 +1,583 @@
+package hostnet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/ikelb/ikelb/dataplane"
+)
+
+// Fast path defaults for FastPathConfig's zero fields.
+const (
+	DefaultFastNFTTable   = "ikelb_fast"
+	DefaultFastBatchDelay = 5 * time.Millisecond
+	DefaultFastBatchMax   = 4096
+	DefaultFastQueueSize  = 1 << 16
+	DefaultFastPoll       = time.Second
+)
+
+// ErrFastPathUnavailable: the host cannot run the kernel fast path (no
+// privilege, no nftables, or forwarding off); the message says which.
+var ErrFastPathUnavailable = errors.New("kernel fast path unavailable")
+
+// FastPathConfig configures a FastPath. Zero fields take the defaults.
+type FastPathConfig struct {
+	Logger *slog.Logger     // required
+	Table  *dataplane.Table // required: the committed affinity table
+	// Proposer receives touches for the clients the kernel forwards (the
+	// userspace path, which proposes them otherwise, no longer sees their
+	// packets). Nil: none, and their affinities expire while in use.
+	Proposer dataplane.Proposer
+	// NFTTable is the inet nftables table the fast path owns. It is not
+	// Config.NFTTable: Manager replaces that one atomically on every Apply.
+	NFTTable string
+	// BatchDelay is how long committed changes are gathered into one nft
+	// transaction; BatchMax flushes earlier.
+	BatchDelay time.Duration
+	BatchMax   int
+	// QueueSize bounds the table changes waiting for the fast path's
+	// goroutine; beyond it the map is resynced from the whole table.
+	QueueSize int
+	// Poll is how often the kernel counters are read (and the active-client
+	// sets checked for touches due).
+	Poll time.Duration
+	// Now returns Unix nanoseconds (touch times); default time.Now.
+	Now func() int64
+}
+
+func (c *FastPathConfig) setDefaults() {
+	if c.NFTTable == "" {
+		c.NFTTable = DefaultFastNFTTable
+	}
+	if c.BatchDelay <= 0 {
+		c.BatchDelay = DefaultFastBatchDelay
+	}
+	if c.BatchMax <= 0 {
+		c.BatchMax = DefaultFastBatchMax
+	}
+	if c.QueueSize <= 0 {
+		c.QueueSize = DefaultFastQueueSize
+	}
+	if c.Poll <= 0 {
+		c.Poll = DefaultFastPoll
+	}
+	if c.Now == nil {
+		c.Now = func() int64 { return time.Now().UnixNano() }
+	}
+}
+
+// FastCounters are one service's packets through the kernel fast path:
+// client → backend (Packets, Bytes) and backend → client (Reply*), as the
+// nft counters count them (IP length), since the FastPath started.
+type FastCounters struct {
+	Packets, Bytes           uint64
+	ReplyPackets, ReplyBytes uint64
+}
+
+// fastService is the part of a committed nat-mode service the fast path
+// needs.
+type fastService struct {
+	id    uint32
+	vip   netip.Addr // unmapped
+	ports []uint16   // sorted
+	snat  netip.Addr // invalid: masquerade
+	// backends that may keep their clients (Usable) and have the VIP's
+	// family: ID → address. The kernel cannot translate between families.
+	backends   map[uint32]netip.Addr
+	touchEvery time.Duration
+}
+
+func (s *fastService) v6() bool { return !s.vip.Is4() }
+
+// sameRules reports whether a and b need the same nft rules (backends go
+// into the map, not the rules).
+func (s *fastService) sameRules(o *fastService) bool {
+	return s.id == o.id && s.vip == o.vip && s.snat == o.snat && slices.Equal(s.ports, o.ports)
+}
+
+// fastServices selects the services the fast path serves: nat mode. Why
+// not transparent mode: dataplane/DESIGN.md "Kernel fast path".
+func fastServices(set []dataplane.Service) map[uint32]*fastService {
+	out := map[uint32]*fastService{}
+	for _, s := range set {
+		// A loopback VIP or backend would be DNATed to local delivery,
+		// not forwarded: keep those on the userspace path.
+		if s.Mode != dataplane.ModeNAT || !s.VIP.IsValid() || len(s.Ports) == 0 || s.VIP.Unmap().IsLoopback() {
+			continue
+		}
+		fs := &fastService{
+			id: s.ID, vip: s.VIP.Unmap(), ports: slices.Clone(s.Ports),
+			backends: map[uint32]netip.Addr{}, touchEvery: dataplane.MaxTouchInterval,
+		}
+		slices.Sort(fs.ports)
+		fs.ports = slices.Compact(fs.ports)
+		if s.SNAT.IsValid() {
+			fs.snat = s.SNAT.Unmap()
+			if fs.snat.Is4() != fs.vip.Is4() {
+				continue // the backends of the VIP's family have another SNAT family: userspace only
+			}
+		}
+		if s.Timeout > 0 {
+			fs.touchEvery = min(s.Timeout/4, dataplane.MaxTouchInterval)
+		}
+		for _, b := range s.Backends {
+			a := b.Addr.Unmap()
+			if b.Usable() && a.Is4() == fs.vip.Is4() && !a.IsLoopback() {
+				fs.backends[b.ID] = a
+			}
+		}
+		out[s.ID] = fs
+	}
+	return out
+}
+
+// mapOp is one change to a service's affinity map.
+type mapOp struct {
+	svc     *fastService
+	client  netip.Addr
+	backend netip.Addr // invalid: delete
+	// forget: delete the client's conntrack entries to the VIP (it was in
+	// the map with another backend, or leaves the map).
+	forget bool
+}
+
+// fastKernel is the nftables and conntrack side (fastpath_linux.go).
+type fastKernel interface {
+	// install replaces the whole table with the rules of svcs and the
+	// given map contents, in one transaction.
+	install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error
+	// update applies map changes in one transaction (deletes before adds).
+	update(ops []mapOp) error
+	// forget deletes the conntrack entries of the ops' clients to their
+	// service's VIP:ports, so that their next packet is decided afresh.
+	forget(ops []mapOp) error
+	// counters reads every service's counters.
+	counters(svcs map[uint32]*fastService) (map[uint32]FastCounters, error)
+	// seen returns and removes the clients the kernel forwarded for s
+	// since the last call.
+	seen(s *fastService) ([]netip.Addr, error)
+	// remove deletes the table.
+	remove() error
+	// forwards reports whether the kernel forwards the family (the fast
+	// path needs it and does not turn it on).
+	forwards(v6 bool) bool
+}
+
+// FastPath keeps the kernel forwarding established clients of nat-mode
+// services: per service an nft map client → backend holding exactly the
+// committed affinities whose backend is usable, a DNAT rule that uses it
+// (a client not in the map falls through to the userspace listener), SNAT
+// for those flows, counters, and an active-client set from which it
+// proposes touches. See the package doc and dataplane/DESIGN.md.
+type FastPath struct {
+	// set once
+	cfg    FastPathConfig
+	log    *slog.Logger
+	table  *dataplane.Table
+	queue  *dataplane.ChangeQueue
+	kernel fastKernel
+	cancel context.CancelFunc
+	done   chan struct{}
+	wake   chan struct{} // capacity 1: a new service set is pending
+
+	mu       sync.Mutex // guards the following
+	pending  []dataplane.Service
+	hasSet   bool
+	counters map[uint32]FastCounters // latest read, cumulative
+	base     map[uint32]FastCounters // counts of objects replaced by a rebuild
+	closed   bool
+}
+
+// NewFastPath checks that the host can run the fast path, removes a stale
+// table, subscribes to the table's changes and starts the fast path's
+// goroutine. It installs nothing until SetServices names a nat service.
+func NewFastPath(cfg FastPathConfig) (*FastPath, error) {
+	cfg.setDefaults()
+	if cfg.Logger == nil || cfg.Table == nil {
+		return nil, fmt.Errorf("%w: fast path needs a logger and a table", ErrInvalidConfig)
+	}
+	k, err := newFastKernel(cfg.NFTTable)
+	if err != nil {
+		return nil, err
+	}
+	return startFastPath(cfg, k), nil
+}
+
+func startFastPath(cfg FastPathConfig, k fastKernel) *FastPath {
+	ctx, cancel := context.WithCancel(context.Background())
+	f := &FastPath{
+		cfg: cfg, log: cfg.Logger, table: cfg.Table, kernel: k,
+		queue:    dataplane.NewChangeQueue(cfg.QueueSize),
+		cancel:   cancel,
+		done:     make(chan struct{}),
+		wake:     make(chan struct{}, 1),
+		counters: map[uint32]FastCounters{},
+		base:     map[uint32]FastCounters{},
+	}
+	f.table.SetObserver(f.queue)
+	go f.run(ctx)
+	return f
+}
+
+// SetServices hands the committed service set to the fast path; it returns
+// at once (the fast path's goroutine reconciles the kernel, a backend that
+// is no longer usable leaving the map first).
+func (f *FastPath) SetServices(set []dataplane.Service) {
+	f.mu.Lock()
+	f.pending, f.hasSet = set, true
+	f.mu.Unlock()
+	select {
+	case f.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Counters returns the kernel's counts per service ID, as of the last poll
+// (FastPathConfig.Poll).
+func (f *FastPath) Counters() map[uint32]FastCounters {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make(map[uint32]FastCounters, len(f.counters))
+	for id, c := range f.counters {
+		out[id] = c
+	}
+	return out
+}
+
+// Close stops the goroutine, unsubscribes from the table and removes the
+// nft table; the kernel stops forwarding (established kernel flows then
+// reach the userspace listener, which re-picks them).
+func (f *FastPath) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	f.mu.Unlock()
+	f.table.SetObserver(nil)
+	f.cancel()
+	<-f.done
+	return f.kernel.remove()
+}
+
+// state is what the fast path's goroutine owns.
+type fastState struct {
+	svcs      map[uint32]*fastService
+	installed bool                               // the table exists with svcs' rules
+	mirror    map[dataplane.ClientKey]netip.Addr // what the maps hold
+	dirty     map[dataplane.ClientKey]struct{}   // changed since the last flush
+	lastTouch map[uint32]int64                   // per service, Unix ns
+	keys      []dataplane.ClientKey              // Take's buffer
+}
+
+func (f *FastPath) run(ctx context.Context) {
+	defer close(f.done)
+	st := &fastState{
+		mirror: map[dataplane.ClientKey]netip.Addr{}, dirty: map[dataplane.ClientKey]struct{}{},
+		lastTouch: map[uint32]int64{},
+	}
+	poll := time.NewTicker(f.cfg.Poll)
+	defer poll.Stop()
+	flush := time.NewTimer(time.Hour)
+	flush.Stop()
+	flushArmed := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-f.wake:
+			f.mu.Lock()
+			set, ok := f.pending, f.hasSet
+			f.pending, f.hasSet = nil, false
+			f.mu.Unlock()
+			if ok {
+				f.applyServices(st, set)
+			}
+		case <-f.queue.Ready():
+			if f.take(st) && !flushArmed {
+				flush.Reset(f.cfg.BatchDelay)
+				flushArmed = true
+			}
+			if len(st.dirty) >= f.cfg.BatchMax {
+				f.flush(st)
+			}
+		case <-flush.C:
+			flushArmed = false
+			f.flush(st)
+		case <-poll.C:
+			f.poll(st)
+		}
+	}
+}
+
+// take moves queued changes into st.dirty (or resyncs) and reports
+// whether a flush is due.
+func (f *FastPath) take(st *fastState) bool {
+	var resync bool
+	st.keys, resync = f.queue.Take(st.keys[:0], f.cfg.BatchMax)
+	if resync {
+		f.resync(st)
+		return false
+	}
+	for _, k := range st.keys {
+		if _, ok := st.svcs[k.Service]; ok {
+			st.dirty[k] = struct{}{}
+		}
+	}
+	return len(st.dirty) > 0
+}
+
+// want is k's map entry as the committed state says.
+func (f *FastPath) want(st *fastState, k dataplane.ClientKey) (netip.Addr, bool) {
+	s := st.svcs[k.Service]
+	if s == nil {
+		return netip.Addr{}, false
+	}
+	if c := k.Client.Netip(); c.Is4() == s.v6() {
+		return netip.Addr{}, false
+	}
+	e, ok := f.table.Lookup(k)
+	if !ok {
+		return netip.Addr{}, false
+	}
+	a, ok := s.backends[e.Backend]
+	return a, ok
+}
+
+// flush applies st.dirty to the maps in one transaction, then forgets the
+// conntrack entries of the clients that left a map or changed backend.
+func (f *FastPath) flush(st *fastState) {
+	if len(st.dirty) == 0 || !st.installed {
+		clear(st.dirty)
+		return
+	}
+	var ops []mapOp
+	for k := range st.dirty {
+		ops = f.diff(st, k, ops)
+	}
+	clear(st.dirty)
+	f.apply(st, ops)
+}
+
+// diff appends the ops that make k's map entry what the table says.
+func (f *FastPath) diff(st *fastState, k dataplane.ClientKey, ops []mapOp) []mapOp {
+	want, ok := f.want(st, k)
+	have, had := st.mirror[k]
+	s := st.svcs[k.Service]
+	c := k.Client.Netip()
+	switch {
+	case ok && !had:
+		ops = append(ops, mapOp{svc: s, client: c, backend: want})
+	case ok && had && want != have:
+		ops = append(ops, mapOp{svc: s, client: c}, mapOp{svc: s, client: c, backend: want, forget: true})
+	case !ok && had:
+		if s == nil {
+			break // its service is gone with its map
+		}
+		ops = append(ops, mapOp{svc: s, client: c, forget: true})
+	}
+	return ops
+}
+
+func (f *FastPath) apply(st *fastState, ops []mapOp) {
+	if len(ops) == 0 {
+		return
+	}
+	if err := f.kernel.update(ops); err != nil {
+		// The maps' content is unknown now: rebuild everything.
+		f.log.Warn("fast path map update failed; rebuilding", "error", err, "changes", len(ops))
+		st.installed = false
+		f.resync(st)
+		return
+	}
+	var forget []mapOp
+	for _, op := range ops {
+		k := dataplane.ClientKey{Service: op.svc.id, Client: dataplane.AddrFrom(op.client)}
+		if op.backend.IsValid() {
+			st.mirror[k] = op.backend
+		} else {
+			delete(st.mirror, k)
+		}
+		if op.forget {
+			forget = append(forget, op)
+		}
+	}
+	f.forget(forget)
+}
+
+func (f *FastPath) forget(ops []mapOp) {
+	if len(ops) == 0 {
+		return
+	}
+	if err := f.kernel.forget(ops); err != nil {
+		f.log.Warn("fast path: deleting conntrack entries failed; those clients stay on their old backend until their entries expire",
+			"error", err, "clients", len(ops))
+	}
+}
+
+// applyServices reconciles the rules with a new service set and resyncs
+// the maps.
+func (f *FastPath) applyServices(st *fastState, set []dataplane.Service) {
+	next := fastServices(set)
+	for id, s := range next {
+		if !f.kernel.forwards(s.v6()) {
+			f.log.Warn("fast path off for a service: the kernel does not forward its family", "service_id", id, "vip", s.vip.String())
+			delete(next, id)
+		}
+	}
+	same := len(next) == len(st.svcs)
+	for id, s := range next {
+		if o := st.svcs[id]; o == nil || !o.sameRules(s) {
+			same = false
+		}
+	}
+	old := st.svcs
+	st.svcs = next
+	if !same || !st.installed {
+		f.rebuild(st, old)
+		return
+	}
+	f.resync(st)
+}
+
+// resync recomputes every map from the whole table and applies the
+// difference (or rebuilds if the table is not installed).
+func (f *FastPath) resync(st *fastState) {
+	if !st.installed {
+		f.rebuild(st, st.svcs)
+		return
+	}
+	clear(st.dirty)
+	var ops []mapOp
+	seen := map[dataplane.ClientKey]bool{}
+	f.table.Range(func(k dataplane.ClientKey, _ dataplane.Entry) bool {
+		if _, ok := st.svcs[k.Service]; ok {
+			seen[k] = true
+			ops = f.diff(st, k, ops)
+		}
+		return true
+	})
+	for k := range st.mirror {
+		if !seen[k] {
+			ops = f.diff(st, k, ops)
+		}
+	}
+	f.apply(st, ops)
+}
+
+// rebuild replaces the nft table with the rules of st.svcs and maps filled
+// from the whole table; old is the previous set (its clients' DNAT entries
+// are forgotten where the new maps differ).
+func (f *FastPath) rebuild(st *fastState, old map[uint32]*fastService) {
+	clear(st.dirty)
+	if st.installed {
+		f.readCounters(old) // keep the counts of the objects about to be replaced
+	}
+	f.mu.Lock()
+	for id, c := range f.counters {
+		f.base[id] = c
+	}
+	f.mu.Unlock()
+
+	elems := map[dataplane.ClientKey]netip.Addr{}
+	f.table.Range(func(k dataplane.ClientKey, _ dataplane.Entry) bool {
+		if a, ok := f.want(st, k); ok {
+			elems[k] = a
+		}
+		return true
+	})
+	if len(st.svcs) == 0 {
+		if st.installed || len(st.mirror) > 0 {
+			if err := f.kernel.remove(); err != nil {
+				f.log.Warn("fast path: removing the nft table failed", "error", err)
+				return
+			}
+		}
+	} else if err := f.kernel.install(st.svcs, elems); err != nil {
+		f.log.Error("fast path: installing the nft table failed; clients stay on the userspace path", "error", err)
+		st.installed = false
+		return
+	}
+	var forget []mapOp
+	for k, a := range st.mirror {
+		if elems[k] == a {
+			continue
+		}
+		if s := old[k.Service]; s != nil {
+			forget = append(forget, mapOp{svc: s, client: k.Client.Netip(), forget: true})
+		}
+	}
+	if len(st.svcs) > 0 {
+		f.log.Info("fast path rules installed", "nft_table", "inet "+f.cfg.NFTTable,
+			"services", len(st.svcs), "clients", len(elems))
+	} else if st.installed {
+		f.log.Info("fast path rules removed", "nft_table", "inet "+f.cfg.NFTTable)
+	}
+	st.mirror = elems
+	st.installed = len(st.svcs) > 0
+	f.forget(forget)
+}
+
+// poll reads the counters and proposes touches for the clients the kernel
+// forwarded, per service every touchEvery.
+func (f *FastPath) poll(st *fastState) {
+	if !st.installed {
+		return
+	}
+	f.readCounters(st.svcs)
+	if f.cfg.Proposer == nil {
+		return
+	}
+	now := f.cfg.Now()
+	for id, s := range st.svcs {
+		if now-st.lastTouch[id] < int64(s.touchEvery) {
+			continue
+		}
+		st.lastTouch[id] = now
+		clients, err := f.kernel.seen(s)
+		if err != nil {
+			f.log.Warn("fast path: reading active clients failed", "error", err, "service_id", id)
+			continue
+		}
+		for _, c := range clients {
+			k := dataplane.ClientKey{Service: id, Client: dataplane.AddrFrom(c)}
+			if _, ok := st.mirror[k]; ok {
+				f.cfg.Proposer.Propose(dataplane.Proposal{Kind: dataplane.ProposeTouch, Key: k, At: now})
+			}
+		}
+	}
+}
+
+// readCounters adds the kernel's counts of svcs' objects to the bases.
+func (f *FastPath) readCounters(svcs map[uint32]*fastService) {
+	c, err := f.kernel.counters(svcs)
+	if err != nil {
+		f.log.Warn("fast path: reading counters failed", "error", err)
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for id, v := range c {
+		b := f.base[id]
+		f.counters[id] = FastCounters{
+			Packets: b.Packets + v.Packets, Bytes: b.Bytes + v.Bytes,
+			ReplyPackets: b.ReplyPackets + v.ReplyPackets, ReplyBytes: b.ReplyBytes + v.ReplyBytes,
+		}
+	}
+}
+
+func sortedIDs[V any](m map[uint32]V) []uint32 {
+	ids := make([]uint32, 0, len(m))
+	for id := range m {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}

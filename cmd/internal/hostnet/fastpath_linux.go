@@ -1,0 +1,445 @@
+package hostnet
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ikelb/ikelb/dataplane"
+)
+
+// seenSetSize bounds a service's active-client set; a client beyond it is
+// still forwarded, but not touched until the set is emptied (next poll).
+const seenSetSize = 1 << 20
+
+// nftFast is the fast path's nftables and conntrack side.
+type nftFast struct {
+	name string
+}
+
+func newFastKernel(name string) (fastKernel, error) {
+	if !forwards(false) && !forwards(true) {
+		return nil, fmt.Errorf("%w: ip forwarding is off (net.ipv4.conf.all.forwarding and net.ipv6.conf.all.forwarding are 0)", ErrFastPathUnavailable)
+	}
+	k := &nftFast{name: name}
+	if err := k.remove(); err != nil { // a table left by a killed run
+		return nil, fmt.Errorf("%w: %w", ErrFastPathUnavailable, err)
+	}
+	return k, nil
+}
+
+// forwards reports whether the kernel forwards the family: the fast path
+// forwards DNATed packets, so it needs it (and does not turn it on).
+func (k *nftFast) forwards(v6 bool) bool { return forwards(v6) }
+
+func forwards(v6 bool) bool {
+	p := "/proc/sys/net/ipv4/conf/all/forwarding"
+	if v6 {
+		p = "/proc/sys/net/ipv6/conf/all/forwarding"
+	}
+	b, err := os.ReadFile(p)
+	return err == nil && string(bytes.TrimSpace(b)) != "0"
+}
+
+// table is the family's table: ip or ip6 (not inet, so that "ct original
+// daddr" loads an address of the family's size, which nft can print).
+func (k *nftFast) table(v6 bool) *nftables.Table {
+	if v6 {
+		return &nftables.Table{Name: k.name, Family: nftables.TableFamilyIPv6}
+	}
+	return &nftables.Table{Name: k.name, Family: nftables.TableFamilyIPv4}
+}
+
+// the per-service objects, by name.
+func portsSet(t *nftables.Table, s *fastService) *nftables.Set {
+	return &nftables.Set{Table: t, Name: "ports_" + strconv.FormatUint(uint64(s.id), 10), KeyType: nftables.TypeInetService}
+}
+
+func affMap(t *nftables.Table, s *fastService) *nftables.Set {
+	typ := nftables.TypeIPAddr
+	if s.v6() {
+		typ = nftables.TypeIP6Addr
+	}
+	return &nftables.Set{Table: t, Name: "aff_" + strconv.FormatUint(uint64(s.id), 10), IsMap: true, KeyType: typ, DataType: typ}
+}
+
+func seenSet(t *nftables.Table, s *fastService) *nftables.Set {
+	typ := nftables.TypeIPAddr
+	if s.v6() {
+		typ = nftables.TypeIP6Addr
+	}
+	return &nftables.Set{Table: t, Name: "seen_" + strconv.FormatUint(uint64(s.id), 10), KeyType: typ, Dynamic: true, Size: seenSetSize}
+}
+
+func fwdCounter(s *fastService) string { return "fwd_" + strconv.FormatUint(uint64(s.id), 10) }
+func repCounter(s *fastService) string { return "rep_" + strconv.FormatUint(uint64(s.id), 10) }
+
+func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error {
+	c, err := nftables.New()
+	if err != nil {
+		return wrap("nftables", err)
+	}
+	byService := map[uint32][]nftables.SetElement{}
+	for key, b := range elems {
+		byService[key.Service] = append(byService[key.Service], nftables.SetElement{Key: key.Client.Netip().AsSlice(), Val: b.AsSlice()})
+	}
+	for _, v6 := range []bool{false, true} {
+		t := k.table(v6)
+		c.AddTable(t) // replaces a table of any content atomically
+		c.DelTable(t)
+		var ids []uint32
+		for _, id := range sortedIDs(svcs) {
+			if svcs[id].v6() == v6 {
+				ids = append(ids, id)
+			}
+		}
+		if len(ids) == 0 {
+			continue
+		}
+		c.AddTable(t)
+		if err := k.installFamily(c, t, svcs, ids, byService); err != nil {
+			return err
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return wrap("nft table "+k.name, err)
+	}
+	return nil
+}
+
+func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[uint32]*fastService, ids []uint32, byService map[uint32][]nftables.SetElement) error {
+	chain := func(name string, typ nftables.ChainType, hook *nftables.ChainHook, prio *nftables.ChainPriority) *nftables.Chain {
+		return c.AddChain(&nftables.Chain{Name: name, Table: t, Type: typ, Hooknum: hook, Priority: prio})
+	}
+	rawPre := chain("raw_prerouting", nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityRaw)
+	rawOut := chain("raw_output", nftables.ChainTypeFilter, nftables.ChainHookOutput, nftables.ChainPriorityRaw)
+	natPre := chain("nat_prerouting", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest)
+	natPost := chain("nat_postrouting", nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource)
+	fwd := chain("forward", nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter)
+
+	for _, id := range ids {
+		s := svcs[id]
+		ports, aff, seen := portsSet(t, s), affMap(t, s), seenSet(t, s)
+		var pe []nftables.SetElement
+		for _, p := range s.ports {
+			pe = append(pe, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
+		}
+		if err := c.AddSet(ports, pe); err != nil {
+			return wrap("nft set "+ports.Name, err)
+		}
+		if err := c.AddSet(aff, byService[id]); err != nil {
+			return wrap("nft map "+aff.Name, err)
+		}
+		if err := c.AddSet(seen, nil); err != nil {
+			return wrap("nft set "+seen.Name, err)
+		}
+		c.AddObj(&nftables.CounterObj{Table: t, Name: fwdCounter(s)})
+		c.AddObj(&nftables.CounterObj{Table: t, Name: repCounter(s)})
+
+		// A client not in the map: untracked, to the userspace listener
+		// (and the listener's replies untracked too), so that the first
+		// packet after its binding enters the map creates the conntrack
+		// entry that the DNAT rule decides.
+		c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(
+			toVIP(s, ports), saddr(s), []expr.Any{&expr.Lookup{SourceRegister: 1, SetName: aff.Name, SetID: aff.ID, Invert: true}, &expr.Notrack{}})})
+		c.AddRule(&nftables.Rule{Table: t, Chain: rawOut, Exprs: concat(fromVIP(s, ports), []expr.Any{&expr.Notrack{}})})
+		// dnat ip to ip saddr map @aff
+		c.AddRule(&nftables.Rule{Table: t, Chain: natPre, Exprs: concat(toVIP(s, ports), saddr(s), []expr.Any{
+			&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: aff.Name, SetID: aff.ID},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: nfproto(s), RegAddrMin: 1, RegAddrMax: 1},
+		})})
+		// The kernel's flows leave from the service's SNAT address, or
+		// the outgoing interface's (masquerade); both keep the client's
+		// source port when it is free.
+		snat := []expr.Any{&expr.Masq{}}
+		if s.snat.IsValid() {
+			snat = []expr.Any{
+				&expr.Immediate{Register: 1, Data: s.snat.AsSlice()},
+				&expr.NAT{Type: expr.NATTypeSourceNAT, Family: nfproto(s), RegAddrMin: 1, RegAddrMax: 1},
+			}
+		}
+		c.AddRule(&nftables.Rule{Table: t, Chain: natPost, Exprs: concat(ctOurs(s, ports), snat)})
+		// Counters, and the clients seen (for touches).
+		c.AddRule(&nftables.Rule{Table: t, Chain: fwd, Exprs: concat(ctOurs(s, ports), ctDirection(0), []expr.Any{
+			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: fwdCounter(s)},
+		}, saddr(s), []expr.Any{
+			&expr.Dynset{SrcRegKey: 1, SetName: seen.Name, SetID: seen.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+		})})
+		c.AddRule(&nftables.Rule{Table: t, Chain: fwd, Exprs: concat(ctOurs(s, ports), ctDirection(1), []expr.Any{
+			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: repCounter(s)},
+		})})
+	}
+	return nil
+}
+
+func concat(parts ...[]expr.Any) []expr.Any {
+	var out []expr.Any
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+func nfproto(s *fastService) uint32 {
+	if s.v6() {
+		return unix.NFPROTO_IPV6
+	}
+	return unix.NFPROTO_IPV4
+}
+
+// addrOffsets: (saddr, daddr, length) in the network header.
+func addrOffsets(s *fastService) (uint32, uint32, uint32) {
+	if s.v6() {
+		return 8, 24, 16
+	}
+	return 12, 16, 4
+}
+
+func isUDP() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
+	}
+}
+
+// toVIP: meta l4proto udp ip daddr VIP udp dport @ports.
+func toVIP(s *fastService, ports *nftables.Set) []expr.Any {
+	_, d, n := addrOffsets(s)
+	return concat(isUDP(), []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: d, Len: n},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Lookup{SourceRegister: 1, SetName: ports.Name, SetID: ports.ID},
+	})
+}
+
+// fromVIP: meta l4proto udp ip saddr VIP udp sport @ports.
+func fromVIP(s *fastService, ports *nftables.Set) []expr.Any {
+	a, _, n := addrOffsets(s)
+	return concat(isUDP(), []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: a, Len: n},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
+		&expr.Lookup{SourceRegister: 1, SetName: ports.Name, SetID: ports.ID},
+	})
+}
+
+// saddr loads the packet's source address into register 1.
+func saddr(s *fastService) []expr.Any {
+	a, _, n := addrOffsets(s)
+	return []expr.Any{&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: a, Len: n}}
+}
+
+// ctOurs: meta l4proto udp ct status dnat
+// ct original daddr VIP ct original proto-dst @ports — a flow this
+// service's DNAT rule decided.
+func ctOurs(s *fastService, ports *nftables.Set) []expr.Any {
+	return concat(isUDP(), []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATUS},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(ipsDstNAT), Xor: binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Ct{Register: 1, Key: expr.CtKeyDST, Direction: 0},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
+		&expr.Ct{Register: 1, Key: expr.CtKeyPROTODST, Direction: 0},
+		&expr.Lookup{SourceRegister: 1, SetName: ports.Name, SetID: ports.ID},
+	})
+}
+
+func ctDirection(d byte) []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{d}},
+	}
+}
+
+func (k *nftFast) update(ops []mapOp) error {
+	c, err := nftables.New()
+	if err != nil {
+		return wrap("nftables", err)
+	}
+	type batch struct {
+		set       *nftables.Set
+		del, adds []nftables.SetElement
+	}
+	batches := map[uint32]*batch{}
+	for _, op := range ops {
+		b := batches[op.svc.id]
+		if b == nil {
+			b = &batch{set: affMap(k.table(op.svc.v6()), op.svc)}
+			batches[op.svc.id] = b
+		}
+		if op.backend.IsValid() {
+			b.adds = append(b.adds, nftables.SetElement{Key: op.client.AsSlice(), Val: op.backend.AsSlice()})
+		} else {
+			b.del = append(b.del, nftables.SetElement{Key: op.client.AsSlice()})
+		}
+	}
+	for _, b := range batches { // deletes first: a re-bind is a delete and an add
+		if len(b.del) > 0 {
+			if err := c.SetDeleteElements(b.set, b.del); err != nil {
+				return wrap("nft map "+b.set.Name, err)
+			}
+		}
+	}
+	for _, b := range batches {
+		if len(b.adds) > 0 {
+			if err := c.SetAddElements(b.set, b.adds); err != nil {
+				return wrap("nft map "+b.set.Name, err)
+			}
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return wrap("nft map update", err)
+	}
+	return nil
+}
+
+// flowFilter matches UDP conntrack flows from a client to its service's
+// VIP on one of the service's ports.
+type flowFilter map[[2]netip.Addr][]uint16 // {vip, client} → ports
+
+func (m flowFilter) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
+	if f.Forward.Protocol != unix.IPPROTO_UDP {
+		return false
+	}
+	src, ok1 := netip.AddrFromSlice(f.Forward.SrcIP)
+	dst, ok2 := netip.AddrFromSlice(f.Forward.DstIP)
+	if !ok1 || !ok2 {
+		return false
+	}
+	ports, ok := m[[2]netip.Addr{dst.Unmap(), src.Unmap()}]
+	if !ok {
+		return false
+	}
+	for _, p := range ports {
+		if p == f.Forward.DstPort {
+			return true
+		}
+	}
+	return false
+}
+
+func (k *nftFast) forget(ops []mapOp) error {
+	var errs []error
+	for _, v6 := range []bool{false, true} {
+		m := flowFilter{}
+		for _, op := range ops {
+			if op.svc.v6() == v6 {
+				m[[2]netip.Addr{op.svc.vip, op.client.Unmap()}] = op.svc.ports
+			}
+		}
+		if len(m) == 0 {
+			continue
+		}
+		fam := netlink.InetFamily(unix.AF_INET)
+		if v6 {
+			fam = unix.AF_INET6
+		}
+		if _, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, fam, m); err != nil {
+			errs = append(errs, wrap("delete conntrack entries", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounters, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return nil, wrap("nftables", err)
+	}
+	out := map[uint32]FastCounters{}
+	for _, v6 := range []bool{false, true} {
+		if !hasFamily(svcs, v6) {
+			continue
+		}
+		objs, err := c.GetObjects(k.table(v6))
+		if err != nil {
+			return nil, wrap("nft counters", err)
+		}
+		byName := map[string][2]uint64{}
+		for _, o := range objs {
+			switch o := o.(type) {
+			case *nftables.CounterObj:
+				byName[o.Name] = [2]uint64{o.Packets, o.Bytes}
+			case *nftables.NamedObj:
+				if ctr, ok := o.Obj.(*expr.Counter); ok {
+					byName[o.Name] = [2]uint64{ctr.Packets, ctr.Bytes}
+				}
+			}
+		}
+		for id, s := range svcs {
+			if s.v6() != v6 {
+				continue
+			}
+			f, r := byName[fwdCounter(s)], byName[repCounter(s)]
+			out[id] = FastCounters{Packets: f[0], Bytes: f[1], ReplyPackets: r[0], ReplyBytes: r[1]}
+		}
+	}
+	return out, nil
+}
+
+func (k *nftFast) seen(s *fastService) ([]netip.Addr, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return nil, wrap("nftables", err)
+	}
+	set := seenSet(k.table(s.v6()), s)
+	elems, err := c.GetSetElements(set)
+	if err != nil {
+		return nil, wrap("nft set "+set.Name, err)
+	}
+	if len(elems) == 0 {
+		return nil, nil
+	}
+	out := make([]netip.Addr, 0, len(elems))
+	for _, e := range elems {
+		if a, ok := netip.AddrFromSlice(e.Key); ok {
+			out = append(out, a)
+		}
+	}
+	if err := c.SetDeleteElements(set, elems); err != nil {
+		return nil, wrap("nft set "+set.Name, err)
+	}
+	if err := c.Flush(); err != nil {
+		return nil, wrap("nft set "+set.Name, err)
+	}
+	return out, nil
+}
+
+func (k *nftFast) remove() error {
+	c, err := nftables.New()
+	if err != nil {
+		return wrap("nftables", err)
+	}
+	for _, v6 := range []bool{false, true} {
+		t := k.table(v6)
+		c.AddTable(t) // so that the delete succeeds when there is none
+		c.DelTable(t)
+	}
+	if err := c.Flush(); err != nil {
+		return wrap("delete nft tables "+k.name, err)
+	}
+	return nil
+}
+
+func hasFamily(svcs map[uint32]*fastService, v6 bool) bool {
+	for _, s := range svcs {
+		if s.v6() == v6 {
+			return true
+		}
+	}
+	return false
+}
+
+// ipsDstNAT is conntrack's IPS_DST_NAT status bit.
+const ipsDstNAT = 1 << 5

@@ -1,0 +1,265 @@
+package hostnet
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ikelb/ikelb/dataplane"
+	"github.com/ikelb/ikelb/test/netns"
+)
+
+func TestFastServices(t *testing.T) {
+	a := netip.MustParseAddr
+	set := []dataplane.Service{
+		{ID: 1, Mode: dataplane.ModeNAT, VIP: a("10.0.100.1"), Ports: []uint16{4500, 500, 4500}, Timeout: time.Minute,
+			Backends: []dataplane.Backend{
+				{ID: 1, Addr: a("::ffff:10.0.0.11"), State: dataplane.StateActive},
+				{ID: 2, Addr: a("10.0.0.12"), State: dataplane.StateDrain},                                // usable
+				{ID: 3, Addr: a("10.0.0.13"), State: dataplane.StateDisabled},                             // not
+				{ID: 4, Addr: a("10.0.0.14"), State: dataplane.StateActive, Health: dataplane.HealthDown}, // not
+				{ID: 5, Addr: a("fd00::5"), State: dataplane.StateActive},                                 // other family
+			}},
+		{ID: 2, Mode: dataplane.ModeTransparent, VIP: a("10.0.100.2"), Ports: []uint16{500}},
+		{ID: 3, Mode: dataplane.ModeNAT, VIP: a("10.0.100.3"), Ports: []uint16{500}, SNAT: a("fd00::1")},
+	}
+	got := fastServices(set)
+	if len(got) != 1 || got[1] == nil {
+		t.Fatalf("services %v, want only 1 (transparent and a cross-family SNAT stay in userspace)", got)
+	}
+	s := got[1]
+	if !slices.Equal(s.ports, []uint16{500, 4500}) || s.touchEvery != 15*time.Second || s.vip != a("10.0.100.1") {
+		t.Fatalf("service %+v", s)
+	}
+	want := map[uint32]netip.Addr{1: a("10.0.0.11"), 2: a("10.0.0.12")}
+	if len(s.backends) != len(want) || s.backends[1] != want[1] || s.backends[2] != want[2] {
+		t.Fatalf("backends %v, want %v", s.backends, want)
+	}
+}
+
+// TestFastPath runs TestFastPathChild in a fresh network namespace.
+func TestFastPath(t *testing.T) {
+	netns.Require(t, "nft")
+	lab := netns.New(t, "fp")
+	ns := lab.AddNS("h")
+	t.Setenv("IKELB_FASTPATH_CHILD", "1")
+	start := time.Now()
+	out, err := ns.Run(os.Args[0], "-test.run=^TestFastPathChild$", "-test.v", "-test.count=1")
+	t.Logf("child in %s (%v):\n%s", ns.Name(), time.Since(start).Round(time.Millisecond), out)
+	if err != nil || !strings.Contains(out, "--- PASS: TestFastPathChild") {
+		t.Fatalf("child failed: %v", err)
+	}
+}
+
+// touches records proposals.
+type touches struct {
+	mu   sync.Mutex
+	keys map[dataplane.ClientKey]int
+}
+
+func (p *touches) Propose(pr dataplane.Proposal) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if pr.Kind == dataplane.ProposeTouch {
+		p.keys[pr.Key]++
+	}
+	return true
+}
+
+// nftMap returns the map's elements as "client : backend" strings, and
+// ["absent"] when there is no such map.
+func nftMap(name string) []string {
+	out, err := exec.Command("nft", "list", "map", "ip", DefaultFastNFTTable, name).CombinedOutput()
+	if err != nil {
+		return []string{"absent"}
+	}
+	flat := space.ReplaceAllString(string(out), " ")
+	i := strings.Index(flat, "elements = {")
+	if i < 0 {
+		return nil
+	}
+	body := flat[i+len("elements = {"):]
+	body = body[:strings.Index(body, "}")]
+	var els []string
+	for _, e := range strings.Split(body, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			els = append(els, e)
+		}
+	}
+	slices.Sort(els)
+	return els
+}
+
+// waitMap polls until the map holds exactly want.
+func waitMap(t *testing.T, name string, want ...string) {
+	t.Helper()
+	slices.Sort(want)
+	deadline := time.Now().Add(5 * time.Second)
+	var got []string
+	for time.Now().Before(deadline) {
+		if got = nftMap(name); slices.Equal(got, want) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond) // polling the kernel's state, with a deadline
+	}
+	t.Fatalf("map %s = %q, want %q", name, got, want)
+}
+
+func TestFastPathChild(t *testing.T) {
+	if os.Getenv("IKELB_FASTPATH_CHILD") != "1" {
+		t.Skip("runs inside the namespace TestFastPath makes")
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv4/conf/all/forwarding", []byte("1"), 0); err != nil {
+		t.Fatal(err)
+	}
+	// A stale table from a killed run.
+	nftIn := exec.Command("nft", "-f", "-")
+	nftIn.Stdin = strings.NewReader("table ip ikelb_fast {\n chain stale {\n  type filter hook input priority 0;\n }\n}\n")
+	if out, err := nftIn.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v %s", err, out)
+	}
+
+	a := netip.MustParseAddr
+	tb := dataplane.NewTable()
+	key := func(c string) dataplane.ClientKey {
+		return dataplane.ClientKey{Service: 7, Client: dataplane.AddrFrom(a(c))}
+	}
+	tb.Put(key("10.1.0.1"), dataplane.Entry{Backend: 1}) // before the fast path exists
+	prop := &touches{keys: map[dataplane.ClientKey]int{}}
+	fp, err := NewFastPath(FastPathConfig{Logger: slogDiscard, Table: tb, Proposer: prop, Poll: 20 * time.Millisecond, QueueSize: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fp.Close()
+	if out, err := exec.Command("nft", "list", "table", "ip", DefaultFastNFTTable).CombinedOutput(); err == nil {
+		t.Fatalf("stale table not removed, or installed before any service:\n%s", out)
+	}
+
+	svc := func(b1 dataplane.BackendState, snat string) []dataplane.Service {
+		s := dataplane.Service{ID: 7, Name: "vpn", Mode: dataplane.ModeNAT, VIP: a("10.0.100.1"), Ports: []uint16{500, 4500},
+			Timeout: 4 * time.Millisecond, // touches due at every poll
+			Backends: []dataplane.Backend{
+				{ID: 1, Addr: a("10.0.0.11"), Weight: 1, State: b1},
+				{ID: 2, Addr: a("10.0.0.12"), Weight: 1, State: dataplane.StateActive},
+				{ID: 3, Addr: a("10.0.0.13"), Weight: 1, State: dataplane.StateDisabled},
+				{ID: 4, Addr: a("fd00::4"), Weight: 1, State: dataplane.StateActive},
+			}}
+		if snat != "" {
+			s.SNAT = a(snat)
+		}
+		return []dataplane.Service{s, {ID: 8, Name: "t", Mode: dataplane.ModeTransparent, VIP: a("10.0.100.2"), Ports: []uint16{500}}}
+	}
+	fp.SetServices(svc(dataplane.StateActive, ""))
+	tb.Put(key("10.1.0.2"), dataplane.Entry{Backend: 2})
+	tb.Put(key("10.1.0.3"), dataplane.Entry{Backend: 3})                                                            // disabled: not in the map
+	tb.Put(key("10.1.0.4"), dataplane.Entry{Backend: 4})                                                            // IPv6 backend: not in the map
+	tb.Put(dataplane.ClientKey{Service: 8, Client: dataplane.AddrFrom(a("10.1.0.9"))}, dataplane.Entry{Backend: 1}) // transparent
+	waitMap(t, "aff_7", "10.1.0.1 : 10.0.0.11", "10.1.0.2 : 10.0.0.12")
+
+	out, err := exec.Command("nft", "list", "table", "ip", DefaultFastNFTTable).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list table: %v %s", err, out)
+	}
+	t.Logf("installed:\n%s", out)
+	mustContain(t, "nft table", string(out),
+		"set ports_7 { type inet_service elements = { 500, 4500 } }",
+		"map aff_7 { type ipv4_addr : ipv4_addr",
+		"set seen_7 { type ipv4_addr size 1048576 flags dynamic }",
+		"counter fwd_7 {", "counter rep_7 {",
+		"chain raw_prerouting { type filter hook prerouting priority raw; policy accept; ip daddr 10.0.100.1 udp dport @ports_7 ip saddr != @aff_7 notrack }",
+		"chain raw_output { type filter hook output priority raw; policy accept; ip saddr 10.0.100.1 udp sport @ports_7 notrack }",
+		"chain nat_prerouting { type nat hook prerouting priority dstnat; policy accept; ip daddr 10.0.100.1 udp dport @ports_7 dnat to ip saddr map @aff_7 }",
+		"chain nat_postrouting { type nat hook postrouting priority srcnat; policy accept; meta l4proto udp ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 masquerade }",
+		"ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 ct direction original counter name \"fwd_7\" add @seen_7 { ip saddr }",
+		"ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 ct direction reply counter name \"rep_7\"",
+	)
+	if strings.Contains(string(out), "stale") || strings.Contains(string(out), "10.0.100.2") {
+		t.Fatalf("stale chain or the transparent service in the table:\n%s", out)
+	}
+
+	// Delete, re-bind, a new binding.
+	tb.Delete(key("10.1.0.1"))
+	tb.Put(key("10.1.0.2"), dataplane.Entry{Backend: 1, Created: 5})
+	tb.Put(key("10.1.0.5"), dataplane.Entry{Backend: 2})
+	waitMap(t, "aff_7", "10.1.0.2 : 10.0.0.11", "10.1.0.5 : 10.0.0.12")
+
+	// Backend 1 disabled: its clients leave the map at once. A SNAT
+	// address replaces masquerade.
+	fp.SetServices(svc(dataplane.StateDisabled, "10.0.0.1"))
+	waitMap(t, "aff_7", "10.1.0.5 : 10.0.0.12")
+	out, _ = exec.Command("nft", "list", "chain", "ip", DefaultFastNFTTable, "nat_postrouting").CombinedOutput()
+	mustContain(t, "postrouting", string(out), "ct original proto-dst @ports_7 snat to 10.0.0.1")
+	// And back.
+	fp.SetServices(svc(dataplane.StateDrain, "10.0.0.1"))
+	waitMap(t, "aff_7", "10.1.0.2 : 10.0.0.11", "10.1.0.5 : 10.0.0.12")
+
+	// Overflow: far more changes than the queue holds, then a resync.
+	resyncs := fp.queue.Resyncs()
+	want := []string{"10.1.0.2 : 10.0.0.11", "10.1.0.5 : 10.0.0.12"}
+	for i := range 200 {
+		c := fmt.Sprintf("10.2.%d.%d", i/250, 1+i%250)
+		tb.Put(key(c), dataplane.Entry{Backend: 2})
+		want = append(want, c+" : 10.0.0.12")
+	}
+	waitMap(t, "aff_7", want...)
+	if fp.queue.Resyncs() == resyncs {
+		t.Fatal("the queue did not overflow: the test does not test the resync")
+	}
+
+	// Reset (a snapshot restore) then two entries.
+	tb.Reset()
+	tb.Put(key("10.1.0.7"), dataplane.Entry{Backend: 2})
+	tb.Put(key("10.1.0.8"), dataplane.Entry{Backend: 1})
+	waitMap(t, "aff_7", "10.1.0.7 : 10.0.0.12", "10.1.0.8 : 10.0.0.11")
+
+	// Touches: the clients the kernel forwarded, if still in the map.
+	nftAdd := exec.Command("nft", "add", "element", "ip", DefaultFastNFTTable, "seen_7", "{ 10.1.0.7, 10.1.0.99 }")
+	if out, err := nftAdd.CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		prop.mu.Lock()
+		n7, n99 := prop.keys[key("10.1.0.7")], prop.keys[key("10.1.0.99")]
+		prop.mu.Unlock()
+		if n7 > 0 {
+			if n99 != 0 {
+				t.Fatal("touched a client not in the map")
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no touch proposed for a client in the seen set")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	out, _ = exec.Command("nft", "list", "set", "ip", DefaultFastNFTTable, "seen_7").CombinedOutput()
+	if strings.Contains(string(out), "10.1.0.7") {
+		t.Fatalf("seen set not emptied:\n%s", out)
+	}
+
+	// No nat service left: the table goes; then Close.
+	fp.SetServices(nil)
+	deadline = time.Now().Add(5 * time.Second)
+	for exec.Command("nft", "list", "table", "ip", DefaultFastNFTTable).Run() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("table left with no nat service")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	fp.SetServices(svc(dataplane.StateActive, ""))
+	waitMap(t, "aff_7", "10.1.0.7 : 10.0.0.12", "10.1.0.8 : 10.0.0.11")
+	if err := fp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("nft", "list", "ruleset").CombinedOutput(); err != nil || strings.Contains(string(out), "ikelb") {
+		t.Fatalf("Close left: %v\n%s", err, out)
+	}
+	tb.Put(key("10.1.0.9"), dataplane.Entry{Backend: 2}) // no observer any more: must not block or panic
+}
