@@ -57,6 +57,13 @@ type Config struct {
 	// lets the kernel choose (see Engine.ReplyPorts).
 	ReplyPort uint16
 
+	// ReusePort opens listeners with SO_REUSEPORT, so that several engines
+	// (in one process or several) can listen on the same VIP:port and the
+	// kernel spreads clients over them by a hash of each flow — on one host,
+	// what ECMP does across nodes. `ikelbd demo` runs a three-node cluster
+	// on loopback this way.
+	ReusePort bool
+
 	sockets socketOps // tests may fake the kernel
 }
 
@@ -104,6 +111,6 @@ func (c *Config) setDefaults() {
 		c.SocketBuffer = DefaultSocketBuffer
 	}
 	if c.sockets == nil {
-		c.sockets = kernelSockets{bufBytes: c.SocketBuffer}
+		c.sockets = kernelSockets{bufBytes: c.SocketBuffer, reusePort: c.ReusePort}
 	}
 }

@@ -123,7 +123,8 @@ type socketOps interface {
 
 // kernelSockets opens real UDP sockets.
 type kernelSockets struct {
-	bufBytes int // SO_RCVBUF/SO_SNDBUF for listeners; ≤ 0 leaves the default
+	bufBytes  int  // SO_RCVBUF/SO_SNDBUF for listeners; ≤ 0 leaves the default
+	reusePort bool // SO_REUSEPORT on listeners (Config.ReusePort)
 }
 
 func udpNetwork(a netip.Addr) string {
@@ -134,7 +135,7 @@ func udpNetwork(a netip.Addr) string {
 }
 
 func (k kernelSockets) listen(addr netip.AddrPort) (conn, error) {
-	lc := net.ListenConfig{Control: freebind}
+	lc := net.ListenConfig{Control: listenControl(k.reusePort)}
 	pc, err := lc.ListenPacket(context.Background(), udpNetwork(addr.Addr()), addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrListen, addr, err)

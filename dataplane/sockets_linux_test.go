@@ -92,3 +92,21 @@ func TestKernelTruncation(t *testing.T) {
 		t.Fatalf("n %d err %v trunc %v", n, err, n == 1 && b.pkts[0].trunc)
 	}
 }
+
+func TestListenReusePort(t *testing.T) {
+	first, err := kernelSockets{reusePort: true}.listen(netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	addr := first.LocalAddr()
+	second, err := kernelSockets{reusePort: true}.listen(addr)
+	if err != nil {
+		t.Fatalf("second listener with SO_REUSEPORT on %v: %v", addr, err)
+	}
+	second.Close()
+	if c, err := (kernelSockets{}).listen(addr); err == nil {
+		c.Close()
+		t.Fatalf("a listener without SO_REUSEPORT bound %v twice", addr)
+	}
+}

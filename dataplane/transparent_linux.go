@@ -365,3 +365,31 @@ func origDst(b []byte) netip.AddrPort {
 	}
 	return netip.AddrPort{}
 }
+
+// reusePort sets SO_REUSEPORT (Config.ReusePort).
+func reusePort(rc syscall.RawConn) error {
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("so_reuseport: %w", serr)
+	}
+	return nil
+}
+
+// listenControl sets a listener's options before bind: IP_FREEBIND always,
+// SO_REUSEPORT when asked.
+func listenControl(reuse bool) func(network, address string, rc syscall.RawConn) error {
+	if !reuse {
+		return freebind
+	}
+	return func(network, address string, rc syscall.RawConn) error {
+		if err := freebind(network, address, rc); err != nil {
+			return err
+		}
+		return reusePort(rc)
+	}
+}

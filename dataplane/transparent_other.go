@@ -29,3 +29,13 @@ func (kernelSockets) tproxy(bool, uint16) (replyConn, error) {
 }
 
 func (kernelSockets) mtu(netip.Addr) int { return 0 }
+
+// listenControl: no IP_FREEBIND here, and SO_REUSEPORT is not supported.
+func listenControl(reuse bool) func(network, address string, rc syscall.RawConn) error {
+	if !reuse {
+		return freebind
+	}
+	return func(string, string, syscall.RawConn) error {
+		return fmt.Errorf("%w: so_reuseport on this platform", ErrInvalidConfig)
+	}
+}
