@@ -41,6 +41,8 @@ type Config struct {
 
 	Raft    RaftConfig    `yaml:"raft"`
 	Cluster ClusterConfig `yaml:"cluster"`
+	// Dataplane are the forwarding settings beyond the services.
+	Dataplane DataplaneConfig `yaml:"dataplane"`
 
 	// Services are created at start when no service of that name exists yet;
 	// afterwards the replicated state (driven by the admin API) is the truth.
@@ -63,6 +65,16 @@ type RaftConfig struct {
 	BatchMax    int           `yaml:"batch_max"`
 	BatchLinger time.Duration `yaml:"batch_linger"`
 	QueueSize   int           `yaml:"queue_size"`
+}
+
+// DataplaneConfig are the node's forwarding settings.
+type DataplaneConfig struct {
+	// KernelFastPath lets the kernel (nftables DNAT from the committed
+	// affinities) forward nat-mode clients whose binding has committed; new
+	// clients still go through userspace first. Needs CAP_NET_ADMIN, nftables
+	// and IP forwarding on; without them it is off with a log line. See
+	// dataplane/DESIGN.md "Kernel fast path".
+	KernelFastPath bool `yaml:"kernel_fast_path"`
 }
 
 // ClusterConfig are the membership settings (several nodes).

@@ -41,6 +41,7 @@ type daemon struct {
 	node    *cluster.Node
 	engine  *dataplane.Engine // nil on a witness
 	hostnet *hostnet.Manager  // transparent mode's TPROXY rules and routes; nil on a witness
+	fast    *hostnet.FastPath // kernel fast path; nil when off
 	grpc    *grpc.Server
 	health  *health.Server
 	http    *http.Server
@@ -53,7 +54,19 @@ type daemon struct {
 	cancel context.CancelFunc
 }
 
-func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (d *daemon, err error) {
+// daemonOptions are start options that are not part of the configuration
+// file.
+type daemonOptions struct {
+	// reusePort lets several nodes in one process share the VIP:ports (the
+	// demo's three-node cluster on loopback).
+	reusePort bool
+}
+
+func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (*daemon, error) {
+	return startDaemonWith(ctx, cfg, logger, daemonOptions{})
+}
+
+func startDaemonWith(ctx context.Context, cfg *Config, logger *slog.Logger, opts daemonOptions) (d *daemon, err error) {
 	logger = logger.With("node", cfg.Node)
 	d = &daemon{log: logger}
 	defer func() {
@@ -114,7 +127,7 @@ func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (d *daem
 	}
 	var dp cluster.Dataplane
 	if cfg.Cluster.Role != "witness" {
-		engine, err := dataplane.New(dataplane.Config{Logger: logger, Table: table, Proposer: node.Proposer()})
+		engine, err := dataplane.New(dataplane.Config{Logger: logger, Table: table, Proposer: node.Proposer(), ReusePort: opts.reusePort})
 		if err != nil {
 			return nil, fmt.Errorf("dataplane: %w", err)
 		}
@@ -124,7 +137,14 @@ func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (d *daem
 		if d.hostnet, err = hostnet.New(hostnet.Config{Logger: logger}); err != nil {
 			return nil, fmt.Errorf("hostnet: %w", err)
 		}
-		dp = hostnet.Wrap(engine, d.hostnet)
+		if cfg.Dataplane.KernelFastPath {
+			d.fast, err = hostnet.NewFastPath(hostnet.FastPathConfig{Logger: logger, Table: table, Proposer: node.Proposer()})
+			if err != nil {
+				logger.Info("kernel fast path off", "reason", err.Error())
+				d.fast = nil
+			}
+		}
+		dp = hostnet.WrapFast(engine, d.hostnet, d.fast)
 	}
 	if err := node.Start(dp); err != nil {
 		return nil, err
@@ -282,6 +302,9 @@ func (d *daemon) Close() error {
 	}
 	if d.engine != nil {
 		errs = append(errs, d.engine.Close())
+	}
+	if d.fast != nil { // kernel fast path: remove its nft tables
+		errs = append(errs, d.fast.Close())
 	}
 	if d.hostnet != nil { // transparent mode: remove the host setup
 		errs = append(errs, d.hostnet.Close())

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sort"
 	"strings"
 	"syscall"
@@ -46,12 +47,16 @@ func newDemoCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Run a self-contained demonstration on loopback (no root needed)",
-		Long: `demo starts an ikelbd node in this process, three stand-in IKEv2 servers
-(vpn-a, vpn-b, vpn-c on 127.0.0.11-13) and simulated VPN clients that send
-IKE_SA_INIT to the "500" port and then IKE_AUTH, ESP and keepalives to the
-"4500" port from a new source port, as a client behind NAT does. It prints
-where each client landed, checks that none was split across servers, drains a
-server, restarts the node and checks that every client keeps its server.`,
+		Long: `demo starts a three-node ikelb cluster in this process, three stand-in
+IKEv2 servers (vpn-a, vpn-b, vpn-c on 127.0.0.11-13) and simulated VPN clients
+that send IKE_SA_INIT to the "500" port and then IKE_AUTH, ESP and keepalives
+to the "4500" port from a new source port, as a client behind NAT does. All
+three nodes listen on the VIP with SO_REUSEPORT, so the kernel spreads the
+clients' flows over them as an ECMP router would: the two halves of one client
+often reach different nodes. It prints where each client landed and checks
+that none was split, drains a server, stops the Raft leader during live
+sessions and checks that every client keeps its server, then restarts the
+stopped node and checks that it caught up.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -61,8 +66,8 @@ server, restarts the node and checks that every client keeps its server.`,
 	}
 	cmd.Flags().IntVar(&clients, "clients", 200, "simulated clients, each with its own source IP")
 	cmd.Flags().IntVar(&shared, "shared", 50, "extra simulated clients behind one NAT address (one IP, many ports)")
-	cmd.Flags().BoolVar(&hold, "hold", false, "keep the node running after the demo (Ctrl-C to stop) to explore it with ikelbctl or grpcurl")
-	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "show the daemon's log")
+	cmd.Flags().BoolVar(&hold, "hold", false, "keep the cluster running after the demo (Ctrl-C to stop) to explore it with ikelbctl or grpcurl")
+	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "show the nodes' logs")
 	return cmd
 }
 
@@ -70,6 +75,14 @@ type demoOptions struct {
 	clients, shared int
 	hold, verbose   bool
 }
+
+// demoNode is one node of the demo cluster.
+type demoNode struct {
+	cfg *Config
+	d   *daemon
+}
+
+func (n *demoNode) name() string { return n.cfg.Node }
 
 func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if o.clients < 1 || o.clients > 20000 {
@@ -83,7 +96,6 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if o.verbose {
 		logw = os.Stderr
 	}
-	logger := newLogger(logw, "info")
 
 	ports, err := freeUDPPorts(2, append([]string{demoVIP}, backendAddrs()...)...)
 	if err != nil {
@@ -108,35 +120,46 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	}
 	say("started stand-in IKEv2 servers: vpn-a 127.0.0.11, vpn-b 127.0.0.12, vpn-c 127.0.0.13")
 
-	dataDir, err := os.MkdirTemp("", "ikelb-demo-")
+	// The cluster: three nodes on loopback, node 1 bootstraps, 2 and 3 join it.
+	dataRoot, err := os.MkdirTemp("", "ikelb-demo-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dataDir)
-	cfg, err := demoConfig(dataDir, p500, p4500)
-	if err != nil {
-		return err
-	}
-	d, err := startDaemon(ctx, cfg, logger)
-	if err != nil {
-		return fmt.Errorf("start node: %w", err)
-	}
+	defer os.RemoveAll(dataRoot)
+	var nodes []*demoNode
 	defer func() {
-		if d != nil {
-			d.Close()
+		for _, n := range nodes {
+			if n.d != nil {
+				n.d.Close()
+			}
 		}
 	}()
-	say("started ikelbd node %q: admin API on %s, data in %s", cfg.Node, d.AdminAddr, dataDir)
-
-	admin, closeAdmin, err := dialAdmin(d.AdminAddr.String())
+	for i := range 3 {
+		cfg, err := demoConfig(filepath.Join(dataRoot, fmt.Sprintf("node%d", i+1)), i, p500, p4500, nodes)
+		if err != nil {
+			return err
+		}
+		n := &demoNode{cfg: cfg}
+		logger := newLogger(logw, "info")
+		if n.d, err = startDaemonWith(ctx, cfg, logger, daemonOptions{reusePort: true}); err != nil {
+			return fmt.Errorf("start node %s: %w", cfg.Node, err)
+		}
+		nodes = append(nodes, n)
+		say("started node %s: admin API on %s, gossip %s", cfg.Node, n.d.AdminAddr, cfg.Cluster.GossipAddress)
+	}
+	admin, closeAdmin, err := dialAdmin(nodes[0].d.AdminAddr.String())
 	if err != nil {
 		return err
 	}
 	defer func() { closeAdmin() }()
+	if err := waitCluster(ctx, nodes, 3); err != nil {
+		return err
+	}
 	if err := waitHealthy(ctx, admin, "vpn", len(demoBackends)); err != nil {
 		return err
 	}
-	say("service \"vpn\" committed; IKEv2 health probes report all three servers up")
+	say("one Raft cluster of 3 voters; service \"vpn\" committed; IKEv2 health probes report all three servers up")
+	say("every node listens on %s:%d and :%d with SO_REUSEPORT: the kernel spreads client flows over the nodes like an ECMP router", demoVIP, p500, p4500)
 
 	vip := netip.MustParseAddr(demoVIP)
 	sim := ikesim.Options{VIP: vip, IKEPort: p500, NATTPort: p4500, Fragments: 2, ESP: 3, Keepalives: 1, Concurrency: 32}
@@ -147,17 +170,23 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	own.Clients, own.SourceBase = o.clients, netip.MustParseAddr("127.1.0.0")
 	natted := sim
 	natted.Clients, natted.SourceBase, natted.SharedSource = o.shared, netip.MustParseAddr("127.2.0.1"), true
+	before0 := nodePackets(nodes)
 	first, err := runClients(ctx, own, natted)
 	if err != nil {
 		return err
 	}
 	printLanding(out, first, 6)
-	checks := []check{{"no client split across servers", first.split == 0 && first.failed == 0,
+	per := nodePackets(nodes)
+	var parts []string
+	for i, n := range nodes {
+		parts = append(parts, fmt.Sprintf("%s %d", n.name(), per[i]-before0[i]))
+	}
+	say("datagrams forwarded per node: %s", strings.Join(parts, ", "))
+	checks := []check{{"no client split across servers, whichever node got each half", first.split == 0 && first.failed == 0,
 		fmt.Sprintf("%d clients, %d split, %d failed", first.total, first.split, first.failed)}}
 	if first.failed > 0 {
 		printErrors(out, first.rep)
 	}
-
 	if err := waitAffinities(ctx, admin, o.clients+min(o.shared, 1)); err != nil {
 		return err
 	}
@@ -189,9 +218,9 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 			fmt.Sprintf("%d of %d on the same server as before", kept, o.clients)},
 		check{"no new client lands on the drained server", newcomers.byServer["vpn-a"] == 0 && newcomers.split == 0 && newcomers.failed == 0,
 			fmt.Sprintf("%d new clients on vpn-a", newcomers.byServer["vpn-a"])})
-
-	// 3. Restart the node on the same data dir.
-	say("\n== restart the node (stop, start on the same data dir): the table comes back from Raft's log and snapshot")
+	if _, err := admin.SetBackend(ctx, &ikelbv1.SetBackendRequest{Service: "vpn", Address: "127.0.0.11", State: ikelbv1.BackendState_BACKEND_STATE_ACTIVE}); err != nil {
+		return fmt.Errorf("undrain: %w", err)
+	}
 	if err := waitAffinities(ctx, admin, len(before)+o.clients); err != nil {
 		return err
 	}
@@ -199,39 +228,97 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 	if err != nil {
 		return err
 	}
-	closeAdmin()
-	if err := d.Close(); err != nil {
-		return fmt.Errorf("stop node: %w", err)
+
+	// 3. Lose the leader while clients are connected.
+	leader := leaderNode(nodes)
+	if leader < 0 {
+		return errors.New("no leader")
 	}
-	d = nil
-	if d, err = startDaemon(ctx, cfg, logger); err != nil {
-		return fmt.Errorf("restart node: %w", err)
+	sessions := min(o.clients, 100)
+	say("\n== %d clients stay connected (DPD, ESP and keepalives every 100 ms); the leader, %s, is stopped mid-session without leaving the cluster", sessions, nodes[leader].name())
+	sess := own
+	sess.Clients = sessions
+	type sessOut struct {
+		res []ikesim.SessionResult
+		err error
 	}
-	if admin, closeAdmin, err = dialAdmin(d.AdminAddr.String()); err != nil {
-		return err
+	done := make(chan sessOut, 1)
+	go func() {
+		r, err := ikesim.RunSessions(ctx, sess, 100*time.Millisecond, 4*time.Second)
+		done <- sessOut{r, err}
+	}()
+	select {
+	case <-time.After(1500 * time.Millisecond):
+	case <-ctx.Done():
+		return ctx.Err()
 	}
-	if err := waitAffinities(ctx, admin, len(committed)); err != nil {
-		return err
+	stoppedAt := time.Now()
+	if leader == 0 {
+		closeAdmin()
 	}
-	after, err := affinityMap(ctx, admin)
-	if err != nil {
-		return err
+	if err := nodes[leader].d.Close(); err != nil {
+		return fmt.Errorf("stop %s: %w", nodes[leader].name(), err)
 	}
-	same := 0
-	for k, v := range committed {
-		if after[k] == v {
-			same++
+	nodes[leader].d = nil
+	survivors := []*demoNode{}
+	for i, n := range nodes {
+		if i != leader {
+			survivors = append(survivors, n)
 		}
 	}
-	say("affinities after restart: %d, identical to before: %d of %d", len(after), same, len(committed))
-	back, err := runClients(ctx, own)
-	if err != nil {
+	if err := waitCluster(ctx, survivors, 0); err != nil {
 		return err
 	}
-	checks = append(checks,
-		check{"every committed affinity survives the restart", same == len(committed), fmt.Sprintf("%d of %d", same, len(committed))},
-		check{"clients reconnecting after the restart reach their server", sameBackends(back.rep, before) == o.clients && back.split == 0,
-			fmt.Sprintf("%d of %d", sameBackends(back.rep, before), o.clients)})
+	newLeader := nodes[leaderNode(nodes)].name()
+	say("%s stopped; %s leads after %v", nodes[leader].name(), newLeader, time.Since(stoppedAt).Round(10*time.Millisecond))
+	so := <-done
+	if so.err != nil {
+		return so.err
+	}
+	keptAll, maxGap := 0, time.Duration(0)
+	for _, r := range so.res {
+		if r.Kept() && addrToName[committed[r.IKESource.Addr().String()]] == r.IKEResponder {
+			keptAll++
+		}
+		maxGap = max(maxGap, r.MaxGap)
+	}
+	say("clients answered by their own server throughout: %d of %d; longest gap a client saw: %v", keptAll, sessions, maxGap.Round(time.Millisecond))
+	checks = append(checks, check{"losing the leader moves no client to another server", keptAll == sessions,
+		fmt.Sprintf("%d of %d kept their server", keptAll, sessions)})
+
+	// 4. The stopped node comes back and catches up.
+	say("\n== %s restarts on its data dir and catches up", nodes[leader].name())
+	if nodes[leader].d, err = startDaemonWith(ctx, nodes[leader].cfg, newLogger(logw, "info"), daemonOptions{reusePort: true}); err != nil {
+		return fmt.Errorf("restart %s: %w", nodes[leader].name(), err)
+	}
+	if leader == 0 {
+		if admin, closeAdmin, err = dialAdmin(nodes[0].d.AdminAddr.String()); err != nil {
+			return err
+		}
+	}
+	same, total := 0, 0
+	if err := poll(ctx, "the restarted node's table", func(ctx context.Context) (bool, string, error) {
+		c, cl, err := dialAdmin(nodes[leader].d.AdminAddr.String())
+		if err != nil {
+			return false, "", err
+		}
+		defer cl()
+		m, err := affinityMap(ctx, c)
+		if err != nil {
+			return false, err.Error(), nil
+		}
+		same, total = 0, len(committed)
+		for k, v := range committed {
+			if m[k] == v {
+				same++
+			}
+		}
+		return same == total, fmt.Sprintf("%d of %d", same, total), nil
+	}); err != nil {
+		return err
+	}
+	say("%s has %d of the %d committed affinities", nodes[leader].name(), same, total)
+	checks = append(checks, check{"the restarted node has every committed affinity", same == total, fmt.Sprintf("%d of %d", same, total)})
 
 	say("\n== result")
 	failed := 0
@@ -242,7 +329,8 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 		}
 		say("%s %s (%s)", mark, c.what, c.detail)
 	}
-	say("\nexplore: ikelbctl --addr %s affinity list --service vpn | grpcurl -plaintext %s list", d.AdminAddr, d.AdminAddr)
+	say("\nexplore: ikelbctl --addr %s cluster status | ikelbctl --addr %s affinity list --service vpn | grpcurl -plaintext %s list",
+		nodes[0].d.AdminAddr, nodes[0].d.AdminAddr, nodes[0].d.AdminAddr)
 	if o.hold {
 		say("holding; Ctrl-C to stop")
 		<-ctx.Done()
@@ -251,6 +339,61 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 		return fmt.Errorf("%d of %d checks failed", failed, len(checks))
 	}
 	return nil
+}
+
+// nodePackets returns each running node's forwarded client datagrams.
+func nodePackets(nodes []*demoNode) []uint64 {
+	out := make([]uint64, len(nodes))
+	for i, n := range nodes {
+		if n.d == nil || n.d.engine == nil {
+			continue
+		}
+		for _, c := range n.d.engine.Counters() {
+			out[i] += c.Packets
+		}
+	}
+	return out
+}
+
+// leaderNode returns the index of the running node that leads, or -1.
+func leaderNode(nodes []*demoNode) int {
+	for i, n := range nodes {
+		if n.d != nil && n.d.node.IsLeader() {
+			return i
+		}
+	}
+	return -1
+}
+
+// waitCluster waits until one of the given nodes leads and the others
+// know it and, with voters > 0, the configuration has that many voters.
+func waitCluster(ctx context.Context, nodes []*demoNode, voters int) error {
+	return poll(ctx, "the cluster", func(ctx context.Context) (bool, string, error) {
+		leader := leaderNode(nodes)
+		if leader < 0 {
+			return false, "no leader among the running nodes yet", nil
+		}
+		addr := nodes[leader].d.node.RaftAddr()
+		for _, n := range nodes {
+			if st := n.d.node.Status(); st.Leader != addr {
+				return false, n.name() + " does not follow the new leader yet", nil
+			}
+		}
+		if voters == 0 {
+			return true, "", nil
+		}
+		ms, err := nodes[0].d.node.ClusterStatus(ctx)
+		if err != nil {
+			return false, err.Error(), nil
+		}
+		n := 0
+		for _, m := range ms {
+			if m.Suffrage == "Voter" {
+				n++
+			}
+		}
+		return n == voters, fmt.Sprintf("%d of %d voters", n, voters), nil
+	})
 }
 
 type check struct {
@@ -267,20 +410,27 @@ func backendAddrs() []string {
 	return s
 }
 
-func demoConfig(dataDir string, p500, p4500 uint16) (*Config, error) {
+func demoConfig(dataDir string, i int, p500, p4500 uint16, earlier []*demoNode) (*Config, error) {
 	cfg, err := LoadConfig("")
 	if err != nil {
 		return nil, err
 	}
-	cfg.Node = "demo-1"
+	cfg.Node = fmt.Sprintf("demo-%d", i+1)
 	cfg.DataDir = dataDir
 	cfg.AdminAddress = "127.0.0.1:0"
-	if l, err := net.Listen("tcp", "127.0.0.1:7450"); err == nil {
-		l.Close()
-		cfg.AdminAddress = "127.0.0.1:7450"
+	if i == 0 {
+		if l, err := net.Listen("tcp", "127.0.0.1:7450"); err == nil {
+			l.Close()
+			cfg.AdminAddress = "127.0.0.1:7450"
+		}
 	}
-	cfg.MetricsAddress = "127.0.0.1:0"
-	cfg.Raft.BindAddress = "127.0.0.1:0"
+	cfg.MetricsAddress = ""
+	cfg.Raft.BindAddress = fmt.Sprintf("127.0.0.1:%d", freeTCPPort())
+	cfg.Cluster.GossipAddress = fmt.Sprintf("127.0.0.1:%d", freeTCPPort())
+	cfg.Cluster.DeadServerTimeout = time.Minute
+	if len(earlier) > 0 {
+		cfg.Cluster.Join = []string{earlier[0].cfg.Cluster.GossipAddress}
+	}
 	svc := spec.Service{
 		Name:               "vpn",
 		VIP:                demoVIP,
@@ -292,8 +442,21 @@ func demoConfig(dataDir string, p500, p4500 uint16) (*Config, error) {
 	for _, b := range demoBackends {
 		svc.Backends = append(svc.Backends, spec.Backend{Address: b.addr, Weight: 100, State: "active"})
 	}
-	cfg.Services = []spec.Service{svc}
+	if i == 0 {
+		cfg.Services = []spec.Service{svc}
+	}
 	return cfg, cfg.Validate()
+}
+
+// freeTCPPort returns a TCP port free on 127.0.0.1 now (gossip also uses
+// UDP on it; a clash shows up as a start error).
+func freeTCPPort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }
 
 func dialAdmin(addr string) (ikelbv1.AdminServiceClient, func(), error) {
