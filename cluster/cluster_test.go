@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -128,17 +129,36 @@ type testNode struct {
 	node    *Node
 	srv     *grpc.Server
 	srvDone chan struct{}
+	// cutAtStart starts the node with its Raft traffic cut off.
+	cutAtStart bool
+	// hideRaftState makes its ClusterService.GetStats report no Raft state.
+	hideRaftState bool
+	// shared, if set, is the configuration every node of a cluster formed
+	// with BootstrapExpect shares (bootstrap_test.go); nil: the first node
+	// bootstraps alone and the others join the running ones.
+	shared *sharedConfig
+}
+
+// sharedConfig is one node's part of a configuration written once for every
+// node: a gossip address fixed before any node starts, the common join list
+// and bootstrap_expect. The Raft address is kept across restarts.
+type sharedConfig struct {
+	gossipAddr string
+	raftAddr   string // "" until the first start
+	join       []string
+	expect     int
 }
 
 type testCluster struct {
-	t     *testing.T
-	raft  RaftConfig
-	dead  time.Duration
-	nodes []*testNode
+	t      *testing.T
+	raft   RaftConfig
+	gossip membership.Tunables
+	dead   time.Duration
+	nodes  []*testNode
 }
 
 func newTestCluster(t *testing.T, raftCfg RaftConfig, deadServerTimeout time.Duration) *testCluster {
-	return &testCluster{t: t, raft: raftCfg, dead: deadServerTimeout}
+	return &testCluster{t: t, raft: raftCfg, gossip: clusterGossip, dead: deadServerTimeout}
 }
 
 // add starts a new node; the first bootstraps, the others join the first.
@@ -163,16 +183,22 @@ func (c *testCluster) start(tn *testNode) {
 			join = append(join, o.node.GossipAddr())
 		}
 	}
+	bootstrap, expect, gossipAddr, raftAddr := len(join) == 0, 0, "127.0.0.1:0", "127.0.0.1:0"
+	if s := tn.shared; s != nil {
+		join, bootstrap, expect, gossipAddr = s.join, false, s.expect, s.gossipAddr
+		raftAddr = cmp.Or(s.raftAddr, raftAddr)
+	}
 	tn.cut = nil
 	cfg := Config{
-		Name: tn.name, DataDir: tn.dataDir, RaftBindAddr: "127.0.0.1:0", Bootstrap: len(join) == 0,
+		Name: tn.name, DataDir: tn.dataDir, RaftBindAddr: raftAddr, Bootstrap: bootstrap, BootstrapExpect: expect,
 		Logger: testLogger(c.t), Raft: c.raft, Batch: BatchConfig{Linger: time.Millisecond},
-		Gossip:            GossipConfig{BindAddr: "127.0.0.1:0", Join: join, Tunables: clusterGossip},
+		Gossip:            GossipConfig{BindAddr: gossipAddr, Join: join, Tunables: c.gossip},
 		AdminAddr:         lis.Addr().String(),
 		DeadServerTimeout: c.dead,
 		ReconcileInterval: 200 * time.Millisecond,
 		wrapStream: func(s raft.StreamLayer) raft.StreamLayer {
 			tn.cut = &cutLayer{StreamLayer: s}
+			tn.cut.cut.Store(tn.cutAtStart)
 			return tn.cut
 		},
 	}
@@ -189,7 +215,11 @@ func (c *testCluster) start(tn *testNode) {
 	tn.node = n
 	tn.srv = grpc.NewServer()
 	ikelbv1.RegisterAdminServiceServer(tn.srv, NewAdminServer(n))
-	ikelbv1.RegisterClusterServiceServer(tn.srv, NewClusterServer(n))
+	var cs ikelbv1.ClusterServiceServer = NewClusterServer(n)
+	if tn.hideRaftState {
+		cs = stateHidingServer{NewClusterServer(n)}
+	}
+	ikelbv1.RegisterClusterServiceServer(tn.srv, cs)
 	tn.srvDone = make(chan struct{})
 	go func(srv *grpc.Server, done chan struct{}) {
 		defer close(done)
@@ -202,6 +232,9 @@ func (c *testCluster) start(tn *testNode) {
 	}
 	if err := n.Start(dp); err != nil {
 		c.t.Fatal(err)
+	}
+	if tn.shared != nil {
+		tn.shared.raftAddr = n.RaftAddr()
 	}
 	c.t.Cleanup(func() { tn.stop(c.t) })
 }
@@ -558,8 +591,9 @@ func TestClusterIsolatedNodeDegraded(t *testing.T) {
 	if !hasBinds(iso, 50) {
 		t.Fatal("the isolated node lost its table")
 	}
-	// Its proposals are dropped and counted (no leader reachable), never
-	// blocking; the majority goes on committing.
+	// Its proposals never block: they are held while no leader is reachable
+	// (and committed once it is, checked below); the majority goes on
+	// committing.
 	propose(t, iso, 50, 60, 1)
 	var rest *testNode
 	for _, tn := range c.running() {
@@ -588,6 +622,17 @@ func TestClusterIsolatedNodeDegraded(t *testing.T) {
 		_, ok := iso.node.Table().Lookup(clientKey(99))
 		return ok && !iso.node.Status().Degraded
 	})
+	// What its clients did while it was cut off is committed everywhere.
+	for _, tn := range c.running() {
+		waitWithin(t, 10*time.Second, tn.name+" has the isolated node's held binds", func() bool {
+			for i := 50; i < 60; i++ {
+				if _, ok := tn.node.Table().Lookup(clientKey(i)); !ok {
+					return false
+				}
+			}
+			return true
+		})
+	}
 
 	// A node that leaves is removed at once, not after DeadServerTimeout (a
 	// minute here).

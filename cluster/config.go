@@ -49,11 +49,19 @@ type Config struct {
 	// the bound address (which must then not be unspecified).
 	RaftAdvertise string
 	// Bootstrap makes a single-voter cluster of this node if it has no Raft
-	// state yet. It is a no-op on a node with state. The rule (DESIGN.md,
-	// "Bootstrap"): only the first node of a new cluster bootstraps, and it
-	// is the one started without join addresses; a node that joins waits for
-	// the leader to add it. Validate rejects Bootstrap with Gossip.Join.
+	// state yet (the same as BootstrapExpect 1). It is a no-op on a node
+	// with state. Validate rejects it with Gossip.Join: every node given the
+	// same join list would start a cluster of its own.
 	Bootstrap bool
+	// BootstrapExpect, when 2 or more, makes a node with no Raft state wait
+	// until gossip shows that many alive members that can vote (voters and
+	// witnesses, this node included), none of which has Raft state; then
+	// each of them bootstraps the same configuration: those members, sorted
+	// by name. If any member already has Raft state the node never
+	// bootstraps: it waits for that cluster's leader to add it. Requires
+	// gossip. 1 is Bootstrap; 0 (with Bootstrap unset) never bootstraps.
+	// See DESIGN.md, "Bootstrap".
+	BootstrapExpect int
 	// Logger receives the node's logs and raft's, bridged. Default: discard.
 	Logger *slog.Logger
 	// Table is the committed affinity table, shared with the dataplane. Nil:
@@ -124,8 +132,13 @@ type GossipConfig struct {
 	// AdvertiseAddr is the address other members reach this one at;
 	// default the bound one.
 	AdvertiseAddr string
-	// Join lists gossip addresses of existing members; any one answering is
-	// enough. Join is retried in the background until it succeeds.
+	// Join lists gossip addresses of members; any one answering is enough,
+	// and it may include this node's own address (one list for every
+	// node). Join is retried in the background until it succeeds, and then,
+	// for as long as a listed address is not an alive member, again every
+	// ReconcileInterval (backing off to DeadServerTimeout/3 while nothing
+	// changes), so that a node restarted alone or cut off and healed finds
+	// the others again.
 	Join []string
 	// EncryptKey is the optional AES key (16, 24 or 32 bytes) for gossip.
 	EncryptKey []byte
@@ -216,9 +229,17 @@ func (c Config) Validate() error {
 			bad("raft_advertise: %v", err)
 		}
 	}
+	switch {
+	case c.BootstrapExpect < 0:
+		bad("bootstrap_expect: must not be negative, got %d", c.BootstrapExpect)
+	case c.BootstrapExpect > 1 && c.Bootstrap:
+		bad("bootstrap_expect: %d contradicts bootstrap (a single-voter cluster); set one of them", c.BootstrapExpect)
+	case c.BootstrapExpect > 1 && c.Gossip.BindAddr == "":
+		bad("bootstrap_expect: %d needs gossip (gossip.bind_addr) to find the other members", c.BootstrapExpect)
+	}
 	if c.Gossip.BindAddr != "" {
-		if c.Bootstrap && len(c.Gossip.Join) > 0 {
-			bad("bootstrap: a node given join addresses must not bootstrap; the leader adds it")
+		if (c.Bootstrap || c.BootstrapExpect == 1) && len(c.Gossip.Join) > 0 {
+			bad("bootstrap: a node given join addresses must not bootstrap alone (every node given them would start a cluster of its own); use bootstrap_expect with the number of voters, or neither to join an existing cluster")
 		}
 		if c.AdminAddr == "" {
 			bad("admin_addr: required with gossip (followers forward writes to the leader's)")

@@ -23,6 +23,12 @@
 //     refreshed after the leader judged it idle.
 //   - A node restarted on the same data directory comes back with every
 //     committed service and affinity (snapshot plus log replay).
+//   - A node with Raft state never bootstraps. Nodes sharing one
+//     configuration (one join list, BootstrapExpect N) bootstrap one
+//     cluster once N voting members without state see each other, and a
+//     node that finds a member with state waits to be added instead.
+//     Every node keeps re-joining listed gossip addresses that are not
+//     alive members, so a restarted or healed node is not left alone.
 //   - Membership is reconciled into the Raft configuration by the leader
 //     alone, idempotently, on gossip events and on a timer; it never removes
 //     itself nor more than (voters-1)/2 voters at once (DESIGN.md).

@@ -2,7 +2,12 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -58,12 +63,116 @@ func (n *Node) watchMembers(ctx context.Context) {
 	}
 }
 
-// joinGossip joins the configured members, retrying until it succeeds or
-// the node stops.
+// joinGossip joins the configured members, retrying until one answers (the
+// list may name this node: joining oneself is harmless), then keeps the list
+// joined. memberlist alone does not: it stops gossiping to a failed member
+// after PushPullInterval, so a node restarted without reaching anyone, or
+// cut off for longer, would stay alone in gossip and the leader would remove
+// it after DeadServerTimeout. So for as long as a listed address is not an
+// alive member, it joins again every ReconcileInterval, backing off while
+// nothing changes to DeadServerTimeout/3 (a member back within about two
+// thirds of DeadServerTimeout is never removed from Raft). Each attempt is
+// bounded by ReconcileInterval; it stops when ctx ends.
 func (n *Node) joinGossip(ctx context.Context) {
-	if err := n.members.Join(ctx); err != nil && ctx.Err() == nil {
-		n.log.Error("join gossip", "error", err)
+	if len(n.cfg.Gossip.Join) == 0 {
+		return
 	}
+	if err := n.members.Join(ctx); err != nil {
+		if ctx.Err() == nil && !errors.Is(err, membership.ErrShutdown) {
+			n.log.Error("join gossip", "error", err)
+		}
+		return
+	}
+	base := n.cfg.ReconcileInterval
+	longest := max(base, n.cfg.DeadServerTimeout/3)
+	wait := base
+	var lastMissing []string
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		missing := n.missingJoins(ctx)
+		switch {
+		case len(missing) > 0 && slices.Equal(missing, lastMissing):
+			wait = min(2*wait, longest)
+		default:
+			wait = base
+		}
+		lastMissing = missing
+		if len(missing) > 0 {
+			jctx, cancel := context.WithTimeout(ctx, base)
+			err := n.members.Join(jctx)
+			cancel()
+			if errors.Is(err, membership.ErrShutdown) || ctx.Err() != nil {
+				return
+			}
+			still := n.missingJoins(ctx)
+			if back := slices.DeleteFunc(slices.Clone(missing), func(a string) bool {
+				return slices.Contains(still, a)
+			}); len(back) > 0 {
+				n.log.Info("rejoined gossip members", "join_addrs", back)
+				lastMissing = nil
+				wait = base
+			} else {
+				n.log.Debug("join addresses still not alive members", "join_addrs", missing, "next_try", wait.String(), "error", err)
+			}
+		}
+		t.Reset(wait)
+	}
+}
+
+// missingJoins returns the join addresses that are not the gossip address of
+// an alive member (this node included), resolving host names.
+func (n *Node) missingJoins(ctx context.Context) []string {
+	var alive []netip.AddrPort
+	for _, m := range n.members.Members() {
+		if m.Status == membership.StatusAlive {
+			alive = append(alive, m.Addr)
+		}
+	}
+	lookup := func(host string) []netip.Addr {
+		ctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		ips, _ := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+		return ips
+	}
+	return missingJoins(n.cfg.Gossip.Join, alive, lookup)
+}
+
+// missingJoins is the pure part of Node.missingJoins: join addresses
+// (host:port) none of whose addresses is in alive. An address that does not
+// parse or resolve is missing.
+func missingJoins(join []string, alive []netip.AddrPort, lookup func(host string) []netip.Addr) []string {
+	var out []string
+	for _, j := range join {
+		host, portStr, err := net.SplitHostPort(j)
+		port, perr := strconv.ParseUint(portStr, 10, 16)
+		if err != nil || perr != nil {
+			out = append(out, j)
+			continue
+		}
+		var ips []netip.Addr
+		if ip, err := netip.ParseAddr(host); err == nil {
+			ips = []netip.Addr{ip}
+		} else {
+			ips = lookup(host)
+		}
+		found := false
+		for _, ip := range ips {
+			if slices.Contains(alive, netip.AddrPortFrom(ip.Unmap(), uint16(port))) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			out = append(out, j)
+		}
+	}
+	return out
 }
 
 // GossipAddr returns the gossip address other members can join at, or ""

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -39,6 +40,9 @@ type Node struct {
 	ctx       context.Context // cancelled by Shutdown
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
+
+	bootstrapped  atomic.Bool            // this node bootstrapped the cluster in this run
+	bootstrapWait atomic.Pointer[string] // why runBootstrap has not bootstrapped (yet)
 
 	mu sync.Mutex
 	// mu guards the following.
@@ -80,8 +84,9 @@ func New(cfg Config) (*Node, error) {
 
 // Start opens the stores and the Raft transport, starts Raft (bootstrapping
 // a single-voter cluster if so configured and there is no state), starts
-// gossip if configured (joining in the background), and starts the node's
-// goroutines. dp receives every committed service set; nil on a witness,
+// gossip if configured (joining in the background, and bootstrapping with
+// the other members once BootstrapExpect of them are seen), and starts the
+// node's goroutines. dp receives every committed service set; nil on a witness,
 // which gossips the role "witness" and is a voter all the same.
 func (n *Node) Start(dp Dataplane) (err error) {
 	n.mu.Lock()
@@ -139,20 +144,20 @@ func (n *Node) Start(dp Dataplane) (err error) {
 
 	rc := n.cfg.raftConfig()
 	rc.Logger = newHCLog(n.log, "raft")
-	if n.cfg.Bootstrap {
-		has, err := raft.HasExistingState(n.stores.Log, n.stores.Stable, n.stores.Snapshots)
-		if err != nil {
-			return fmt.Errorf("check raft state: %w", err)
+	hasState, err := raft.HasExistingState(n.stores.Log, n.stores.Stable, n.stores.Snapshots)
+	if err != nil {
+		return fmt.Errorf("check raft state: %w", err)
+	}
+	alone := n.cfg.Bootstrap || n.cfg.BootstrapExpect == 1
+	if alone && !hasState {
+		cfg := raft.Configuration{Servers: []raft.Server{{
+			Suffrage: raft.Voter, ID: rc.LocalID, Address: tr.LocalAddr(),
+		}}}
+		if err := raft.BootstrapCluster(rc, n.stores.Log, n.stores.Stable, n.stores.Snapshots, tr, cfg); err != nil {
+			return fmt.Errorf("bootstrap: %w", err)
 		}
-		if !has {
-			cfg := raft.Configuration{Servers: []raft.Server{{
-				Suffrage: raft.Voter, ID: rc.LocalID, Address: tr.LocalAddr(),
-			}}}
-			if err := raft.BootstrapCluster(rc, n.stores.Log, n.stores.Stable, n.stores.Snapshots, tr, cfg); err != nil {
-				return fmt.Errorf("bootstrap: %w", err)
-			}
-			n.log.Info("bootstrapped single-voter cluster", "raft_addr", string(tr.LocalAddr()))
-		}
+		n.bootstrapped.Store(true)
+		n.log.Info("bootstrapped single-voter cluster", "raft_addr", string(tr.LocalAddr()))
 	}
 	r, err := raft.NewRaft(rc, n.fsm, n.stores.Log, n.stores.Stable, n.stores.Snapshots, tr)
 	if err != nil {
@@ -178,6 +183,9 @@ func (n *Node) Start(dp Dataplane) (err error) {
 	if n.members != nil {
 		n.goroutine(func() { n.watchMembers(ctx) })
 		n.goroutine(func() { n.joinGossip(ctx) })
+		if !hasState && !alone {
+			n.goroutine(func() { n.runBootstrap(ctx, n.cfg.BootstrapExpect) })
+		}
 	}
 	n.state = stateRunning
 	n.log.Info("node started", "raft_addr", string(tr.LocalAddr()), "gossip_addr", n.GossipAddr(), "data_dir", n.cfg.DataDir)

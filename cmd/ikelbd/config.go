@@ -93,11 +93,22 @@ type ClusterConfig struct {
 	// leader. Default: admin_address, or, when that is a wildcard, the Raft
 	// advertise host with the admin port.
 	AdminAdvertiseAddress string `yaml:"admin_advertise_address"`
-	// Join lists any members' gossip addresses to join at start. Empty only
-	// on the very first start of the first node: a node with no Raft state
-	// and no join addresses bootstraps a new cluster (see cluster/DESIGN.md,
-	// "Bootstrap").
+	// Join lists members' gossip addresses; reaching any one is enough. It
+	// may name this node too, so that every node can share one list. The
+	// node keeps joining listed addresses that are not alive members, so a
+	// node restarted alone or cut off finds the others again.
 	Join []string `yaml:"join"`
+	// BootstrapExpect is how a node with no Raft state gets into a cluster
+	// (cluster/DESIGN.md, "Bootstrap"):
+	//   - N ≥ 2: wait until gossip shows N alive voters (witnesses included),
+	//     none with Raft state, then all N bootstrap one configuration; if a
+	//     member has Raft state, wait to be added by its leader instead. Put
+	//     the same join list and N in every node's configuration.
+	//   - 1: bootstrap a cluster of this node alone (join must be empty).
+	//   - 0 (default): alone when join is empty (or without gossip),
+	//     otherwise only join an existing cluster.
+	// A node with Raft state never bootstraps, whatever this says.
+	BootstrapExpect int `yaml:"bootstrap_expect"`
 	// EncryptKey is an optional base64 AES key (16, 24 or 32 bytes) for gossip.
 	EncryptKey string `yaml:"encrypt_key"`
 	// DeadServerTimeout: how long a failed member stays a Raft voter before
@@ -120,6 +131,35 @@ type GossipTimers struct {
 	PushPullInterval        time.Duration `yaml:"push_pull_interval"`
 	TCPTimeout              time.Duration `yaml:"tcp_timeout"`
 	DeadNodeReclaimTime     time.Duration `yaml:"dead_node_reclaim_time"`
+}
+
+// validateBootstrap checks cluster.bootstrap_expect against the gossip
+// settings.
+func (c *ClusterConfig) validateBootstrap() error {
+	switch n := c.BootstrapExpect; {
+	case n < 0:
+		return fmt.Errorf("cluster.bootstrap_expect: must not be negative, got %d", n)
+	case c.GossipAddress == "" && len(c.Join) > 0:
+		return errors.New("cluster.join: needs cluster.gossip_address (without gossip this node is a cluster of one)")
+	case c.GossipAddress == "" && n > 1:
+		return fmt.Errorf("cluster.bootstrap_expect: %d needs cluster.gossip_address (without gossip this node is a cluster of one)", n)
+	case n == 1 && len(c.Join) > 0:
+		return errors.New("cluster.bootstrap_expect: 1 bootstraps this node alone, and every node given this join list would start a cluster of its own; " +
+			"set it to the number of voters (witnesses included) that start together, or 0 to join an existing cluster")
+	}
+	return nil
+}
+
+// bootstrap returns cluster.Config's Bootstrap and BootstrapExpect for
+// cluster.bootstrap_expect (see its doc).
+func (c *ClusterConfig) bootstrap() (alone bool, expect int) {
+	switch {
+	case c.GossipAddress == "" || c.BootstrapExpect == 1:
+		return true, 0
+	case c.BootstrapExpect > 1:
+		return false, c.BootstrapExpect
+	}
+	return len(c.Join) == 0, 0
 }
 
 // encryptKey decodes cluster.encrypt_key (nil when empty).
@@ -243,6 +283,9 @@ func (c *Config) Validate() error {
 		if _, _, err := net.SplitHostPort(j); err != nil {
 			return fmt.Errorf("cluster.join[%d]: %q is not host:port", i, j)
 		}
+	}
+	if err := c.Cluster.validateBootstrap(); err != nil {
+		return err
 	}
 	if err := checkHostPort("cluster.gossip_advertise_address", c.Cluster.GossipAdvertiseAddress, true); err != nil {
 		return err

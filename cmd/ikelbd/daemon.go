@@ -91,18 +91,19 @@ func startDaemonWith(ctx context.Context, cfg *Config, logger *slog.Logger, opts
 		return nil, err
 	}
 	table := dataplane.NewTable()
+	// cluster.bootstrap_expect: see its doc and cluster/DESIGN.md "Bootstrap".
+	alone, expect := cfg.Cluster.bootstrap()
 	node, err := cluster.New(cluster.Config{
-		Name:          cfg.Node,
-		DataDir:       cfg.DataDir,
-		RaftBindAddr:  cfg.Raft.BindAddress,
-		RaftAdvertise: cfg.Raft.AdvertiseAddress,
-		// Only a node started without join addresses bootstraps (and only
-		// if it has no Raft state): see cluster/DESIGN.md "Bootstrap".
-		Bootstrap:     len(cfg.Cluster.Join) == 0,
-		Logger:        logger,
-		Table:         table,
-		HealthChecker: cluster.NewProbeChecker(logger),
-		Version:       version,
+		Name:            cfg.Node,
+		DataDir:         cfg.DataDir,
+		RaftBindAddr:    cfg.Raft.BindAddress,
+		RaftAdvertise:   cfg.Raft.AdvertiseAddress,
+		Bootstrap:       alone,
+		BootstrapExpect: expect,
+		Logger:          logger,
+		Table:           table,
+		HealthChecker:   cluster.NewProbeChecker(logger),
+		Version:         version,
 		Raft: cluster.RaftConfig{
 			HeartbeatTimeout:   cfg.Raft.HeartbeatTimeout,
 			ElectionTimeout:    cfg.Raft.ElectionTimeout,
