@@ -69,11 +69,13 @@ type clusterSpec struct {
 // nodeConfig is one node's ikelbd.yaml. The admin API listens on every
 // address of the node's namespace: peers forward writes and proposals to
 // the leader's admin address, and the test reaches it on 127.0.0.1.
-// The first node bootstraps; the others join it.
+// Every node gets the same cluster block, as an operator would write it:
+// the same join list naming every node (its own address included) and
+// bootstrap_expect = the number of nodes.
 func nodeConfig(n *topo.Node, role string, peers []*topo.Node, cs clusterSpec) string {
 	var join []string
-	if n != peers[0] {
-		join = append(join, fmt.Sprintf("%s:7946", peers[0].Edge))
+	for _, p := range peers {
+		join = append(join, fmt.Sprintf("%s:7946", p.Edge))
 	}
 	var backs []string
 	for _, b := range cs.backends {
@@ -90,6 +92,7 @@ cluster:
   role: %s
   gossip_address: %s:7946
   join: [%s]
+  bootstrap_expect: %d
   dead_server_timeout: 60s
 services:
   - name: vpn
@@ -99,7 +102,7 @@ services:
     forwarding_mode: %s
     health_check: {type: ikev2, interval: 1s, timeout: 500ms, rise: 1, fall: 3}
     backends: [%s]
-`, n.Name, n.Edge, role, n.Edge, strings.Join(join, ", "), cs.vip, cs.mode, strings.Join(backs, ", "))
+`, n.Name, n.Edge, role, n.Edge, strings.Join(join, ", "), len(peers), cs.vip, cs.mode, strings.Join(backs, ", "))
 }
 
 // startNodes starts ikelbd on every node (roles by name; default voter) and
