@@ -33,6 +33,7 @@ type sysBatch struct {
 	wn, wsent, wdropped int
 	werr                error
 	wfn                 func(fd uintptr) bool
+	refusedFn           func(i int) // counts a datagram the kernel refused
 }
 
 func (s *sysBatch) init(b *batch) {
@@ -45,6 +46,7 @@ func (s *sysBatch) init(b *batch) {
 		s.hdrs[i].hdr.SetIovlen(1)
 	}
 	s.wfn = s.write
+	s.refusedFn = func(int) { s.wdropped++ }
 }
 
 // udpConn is a UDP socket doing batched I/O.
@@ -170,21 +172,29 @@ func (c *udpConn) WriteBatch(b *batch, pkts []packet) (int, error) {
 // write is the RawConn.Write callback: send until done or the socket is
 // full; a datagram the kernel refuses is skipped.
 func (s *sysBatch) write(fd uintptr) bool {
-	for s.wsent < s.wn {
-		r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&s.hdrs[s.wsent])),
-			uintptr(s.wn-s.wsent), 0, 0, 0)
+	return sendmmsg(fd, s.hdrs, s.wn, &s.wsent, &s.werr, s.refusedFn)
+}
+
+// sendmmsg sends hdrs[*sent:n] on fd until all are sent or the socket is
+// full (it then returns false: the caller parks until writable). A datagram
+// the kernel refuses is passed to refused with its index and skipped; the
+// first such error is kept in *firstErr.
+func sendmmsg(fd uintptr, hdrs []mmsghdr, n int, sent *int, firstErr *error, refused func(i int)) bool {
+	for *sent < n {
+		r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&hdrs[*sent])),
+			uintptr(n-*sent), 0, 0, 0)
 		switch errno {
 		case 0:
-			s.wsent += int(r)
+			*sent += int(r)
 		case unix.EINTR:
 		case unix.EAGAIN:
-			return false // park until writable
+			return false
 		default:
-			if s.werr == nil {
-				s.werr = errno
+			if *firstErr == nil {
+				*firstErr = errno
 			}
-			s.wsent++
-			s.wdropped++
+			refused(*sent)
+			*sent++
 		}
 	}
 	return true

@@ -55,6 +55,7 @@ type rawSys struct {
 	rb        *rawBatch
 	v6        bool
 	wfn       func(fd uintptr) bool
+	refusedFn func(i int) // marks a packet the kernel refused
 }
 
 func (s *rawSys) init(rb *rawBatch) {
@@ -68,6 +69,7 @@ func (s *rawSys) init(rb *rawBatch) {
 	}
 	s.rb = rb
 	s.wfn = s.write
+	s.refusedFn = func(i int) { s.rb.msgs[i].failed = true }
 }
 
 // rawSocket is an IPPROTO_RAW socket: every write is a whole IP packet.
@@ -144,24 +146,7 @@ func (r *rawSocket) Send(rb *rawBatch) (int, error) {
 // write is the RawConn.Write callback: send until done or the socket is
 // full; a packet the kernel refuses is marked failed and skipped.
 func (s *rawSys) write(fd uintptr) bool {
-	for s.wsent < s.wn {
-		r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&s.hdrs[s.wsent])),
-			uintptr(s.wn-s.wsent), 0, 0, 0)
-		switch errno {
-		case 0:
-			s.wsent += int(r)
-		case unix.EINTR:
-		case unix.EAGAIN:
-			return false
-		default:
-			if s.werr == nil {
-				s.werr = errno
-			}
-			s.rb.msgs[s.wsent].failed = true
-			s.wsent++
-		}
-	}
-	return true
+	return sendmmsg(fd, s.hdrs, s.wn, &s.wsent, &s.werr, s.refusedFn)
 }
 
 func (kernelSockets) mtu(dst netip.Addr) int {
