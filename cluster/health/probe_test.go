@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ikelb/ikelb/test/pcapfile"
 )
 
 func TestProbeICMPLoopback(t *testing.T) {
@@ -187,25 +189,24 @@ func TestProbeIKE(t *testing.T) {
 // TestCheckSAInitResponseCapture runs the response check on the real
 // strongSwan IKE_SA_INIT responses in the shared capture.
 func TestCheckSAInitResponseCapture(t *testing.T) {
-	const path = "../../test/testdata/ikev2-strongswan-natt.pcap"
-	data, err := os.ReadFile(path)
+	capture, err := pcapfile.Read(pcapfile.Capture())
 	if err != nil {
-		t.Skipf("capture not available: %v", err)
+		t.Fatal(err)
 	}
 	var responses int
-	for _, p := range pcapUDP(t, data) {
-		if p.srcPort != 500 || len(p.payload) < 28 || p.payload[18] != 34 || p.payload[19]&0x20 == 0 {
+	for _, p := range capture {
+		if p.Src.Port() != 500 || len(p.Payload) < 28 || p.Payload[18] != 34 || p.Payload[19]&0x20 == 0 {
 			continue
 		}
 		responses++
-		if err := checkSAInitResponse(p.payload, [8]byte(p.payload[:8])); err != nil {
+		if err := checkSAInitResponse(p.Payload, [8]byte(p.Payload[:8])); err != nil {
 			t.Errorf("real response %d rejected: %v", responses, err)
 		}
-		if err := checkSAInitResponse(p.payload, [8]byte{1}); !errors.Is(err, ErrBadResponse) {
+		if err := checkSAInitResponse(p.Payload, [8]byte{1}); !errors.Is(err, ErrBadResponse) {
 			t.Errorf("real response accepted for another SPI: %v", err)
 		}
-		for _, cut := range []int{27, 28, len(p.payload) - 1} {
-			if err := checkSAInitResponse(p.payload[:cut], [8]byte(p.payload[:8])); !errors.Is(err, ErrBadResponse) {
+		for _, cut := range []int{27, 28, len(p.Payload) - 1} {
+			if err := checkSAInitResponse(p.Payload[:cut], [8]byte(p.Payload[:8])); !errors.Is(err, ErrBadResponse) {
 				t.Errorf("response truncated to %d accepted: %v", cut, err)
 			}
 		}
@@ -215,36 +216,3 @@ func TestCheckSAInitResponseCapture(t *testing.T) {
 	}
 }
 
-type udpPacket struct {
-	srcPort, dstPort uint16
-	payload          []byte
-}
-
-// pcapUDP extracts UDP over IPv4 over Ethernet from a little-endian pcap.
-func pcapUDP(t *testing.T, b []byte) []udpPacket {
-	t.Helper()
-	if len(b) < 24 || binary.LittleEndian.Uint32(b) != 0xa1b2c3d4 {
-		t.Fatal("not a little-endian microsecond pcap")
-	}
-	var out []udpPacket
-	for off := 24; off+16 <= len(b); {
-		incl := int(binary.LittleEndian.Uint32(b[off+8:]))
-		pkt := b[off+16 : off+16+incl]
-		off += 16 + incl
-		if len(pkt) < 14+20+8 || binary.BigEndian.Uint16(pkt[12:]) != 0x0800 {
-			continue
-		}
-		ip := pkt[14:]
-		ihl := int(ip[0]&0x0f) * 4
-		if ip[9] != 17 || len(ip) < ihl+8 {
-			continue
-		}
-		udp := ip[ihl:]
-		ulen := int(binary.BigEndian.Uint16(udp[4:]))
-		if ulen < 8 || ulen > len(udp) {
-			continue
-		}
-		out = append(out, udpPacket{binary.BigEndian.Uint16(udp), binary.BigEndian.Uint16(udp[2:]), udp[8:ulen]})
-	}
-	return out
-}

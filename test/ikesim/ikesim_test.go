@@ -7,11 +7,11 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"testing"
 	"time"
 
 	"github.com/ikelb/ikelb/cluster/health"
+	"github.com/ikelb/ikelb/test/pcapfile"
 )
 
 var loopback = netip.MustParseAddr("127.0.0.1")
@@ -63,14 +63,14 @@ func TestParseStrict(t *testing.T) {
 
 // TestParseCapture parses every IKE message in the real strongSwan capture.
 func TestParseCapture(t *testing.T) {
-	data, err := os.ReadFile("../testdata/ikev2-strongswan-natt.pcap")
+	capture, err := pcapfile.Read(pcapfile.Capture())
 	if err != nil {
-		t.Skipf("capture not available: %v", err)
+		t.Fatal(err)
 	}
 	var ike, frags, esp, keepalives int
-	for _, p := range pcapUDP(t, data) {
-		b := p.payload
-		natt := p.srcPort == 4500 || p.dstPort == 4500
+	for _, p := range capture {
+		b := p.Payload
+		natt := p.Src.Port() == 4500 || p.Dst.Port() == 4500
 		switch {
 		case natt && len(b) == 1 && b[0] == 0xff:
 			keepalives++
@@ -83,7 +83,7 @@ func TestParseCapture(t *testing.T) {
 		}
 		m, err := Parse(b)
 		if err != nil {
-			t.Errorf("real message %d→%d rejected: %v", p.srcPort, p.dstPort, err)
+			t.Errorf("real message %d→%d rejected: %v", p.Src.Port(), p.Dst.Port(), err)
 			continue
 		}
 		ike++
@@ -291,39 +291,6 @@ func TestHealthProbe(t *testing.T) {
 	}
 }
 
-type udpPacket struct {
-	srcPort, dstPort uint16
-	payload          []byte
-}
-
-// pcapUDP extracts UDP over IPv4 over Ethernet from a little-endian pcap.
-func pcapUDP(t *testing.T, b []byte) []udpPacket {
-	t.Helper()
-	if len(b) < 24 || binary.LittleEndian.Uint32(b) != 0xa1b2c3d4 {
-		t.Fatal("not a little-endian microsecond pcap")
-	}
-	var out []udpPacket
-	for off := 24; off+16 <= len(b); {
-		incl := int(binary.LittleEndian.Uint32(b[off+8:]))
-		pkt := b[off+16 : off+16+incl]
-		off += 16 + incl
-		if len(pkt) < 14+20+8 || binary.BigEndian.Uint16(pkt[12:]) != 0x0800 {
-			continue
-		}
-		ip := pkt[14:]
-		ihl := int(ip[0]&0x0f) * 4
-		if ip[9] != 17 || len(ip) < ihl+8 {
-			continue
-		}
-		udp := ip[ihl:]
-		ulen := int(binary.BigEndian.Uint16(udp[4:]))
-		if ulen < 8 || ulen > len(udp) {
-			continue
-		}
-		out = append(out, udpPacket{binary.BigEndian.Uint16(udp), binary.BigEndian.Uint16(udp[2:]), udp[8:ulen]})
-	}
-	return out
-}
 
 func TestSessionKeepsServerAndMeasuresGap(t *testing.T) {
 	r, err := Listen("s1", "127.0.0.41:0", "127.0.0.41:0")
