@@ -215,4 +215,3 @@ func TestCheckSAInitResponseCapture(t *testing.T) {
 		t.Fatal("no IKE_SA_INIT responses found in the capture")
 	}
 }
-

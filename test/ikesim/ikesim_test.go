@@ -291,7 +291,6 @@ func TestHealthProbe(t *testing.T) {
 	}
 }
 
-
 func TestSessionKeepsServerAndMeasuresGap(t *testing.T) {
 	r, err := Listen("s1", "127.0.0.41:0", "127.0.0.41:0")
 	if err != nil {
