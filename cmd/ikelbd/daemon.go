@@ -66,12 +66,12 @@ func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (*daemon
 	return startDaemonWith(ctx, cfg, logger, daemonOptions{})
 }
 
-func startDaemonWith(ctx context.Context, cfg *Config, logger *slog.Logger, opts daemonOptions) (d *daemon, err error) {
+func startDaemonWith(ctx context.Context, cfg *Config, logger *slog.Logger, opts daemonOptions) (_ *daemon, err error) {
 	logger = logger.With("node", cfg.Node)
-	d = &daemon{log: logger}
+	d := &daemon{log: logger}
 	defer func() {
 		if err != nil {
-			d.Close()
+			d.Close() // stop what did start; the results are (nil, err)
 		}
 	}()
 	// The admin listener comes first: its address is gossiped, so that
