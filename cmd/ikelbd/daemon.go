@@ -67,6 +67,7 @@ func startDaemon(ctx context.Context, cfg *Config, logger *slog.Logger) (*daemon
 }
 
 func startDaemonWith(ctx context.Context, cfg *Config, logger *slog.Logger, opts daemonOptions) (_ *daemon, err error) {
+	base := logger // the cluster package adds node= itself
 	logger = logger.With("node", cfg.Node)
 	d := &daemon{log: logger}
 	defer func() {
@@ -100,7 +101,7 @@ func startDaemonWith(ctx context.Context, cfg *Config, logger *slog.Logger, opts
 		RaftAdvertise:   cfg.Raft.AdvertiseAddress,
 		Bootstrap:       alone,
 		BootstrapExpect: expect,
-		Logger:          logger,
+		Logger:          base,
 		Table:           table,
 		HealthChecker:   cluster.NewProbeChecker(logger),
 		Version:         version,
