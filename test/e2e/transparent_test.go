@@ -167,11 +167,6 @@ func TestTransparentAndNATWithStrongSwan(t *testing.T) {
 	for _, mode := range []string{"nat", "transparent"} {
 		t.Run(mode, func(t *testing.T) { testModeWithStrongSwan(t, ca, mode) })
 	}
-	t.Run("failover", func(t *testing.T) {
-		t.Skip("TODO(clustering): a balancer node failing mid-session needs the multi-node cluster " +
-			"(VRRP/anycast) work in progress; the dataplane side is ready: listeners bind the VIP with " +
-			"IP_FREEBIND and the transparent reply path keeps no per-flow state")
-	})
 }
 
 func testModeWithStrongSwan(t *testing.T, ca *swan.CA, mode string) {
