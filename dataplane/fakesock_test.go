@@ -26,8 +26,11 @@ func (f *fakeSockets) listen(addr netip.AddrPort) (conn, error) {
 	return newFakeConn(addr), nil
 }
 
-func (f *fakeSockets) dial(src netip.Addr, dst netip.AddrPort) (conn, error) {
-	c := newFakeConn(netip.AddrPortFrom(src, 40000))
+func (f *fakeSockets) dial(src netip.AddrPort, dst netip.AddrPort) (conn, error) {
+	if src.Port() == 0 {
+		src = netip.AddrPortFrom(src.Addr(), 40000)
+	}
+	c := newFakeConn(src)
 	c.peer = dst
 	f.mu.Lock()
 	f.dialled = append(f.dialled, c)

@@ -108,9 +108,10 @@ type socketOps interface {
 	// not be local yet (IP_FREEBIND): a backup node binds a VIP it does
 	// not hold.
 	listen(addr netip.AddrPort) (conn, error)
-	// dial opens a socket connected to dst, bound to src:0 when src is
-	// valid, else to the kernel's choice.
-	dial(src netip.Addr, dst netip.AddrPort) (conn, error)
+	// dial opens a socket connected to dst, bound to src when its address
+	// is valid (port 0: the kernel's choice; the address need not be local
+	// yet, IP_FREEBIND), else to the kernel's choice of both.
+	dial(src netip.AddrPort, dst netip.AddrPort) (conn, error)
 	// raw opens a raw IPv4 (or IPv6) socket that sends packets with
 	// headers included (transparent mode).
 	raw(v6 bool) (rawConn, error)
@@ -154,15 +155,16 @@ func (k kernelSockets) listen(addr netip.AddrPort) (conn, error) {
 	return c, nil
 }
 
-func (k kernelSockets) dial(src netip.Addr, dst netip.AddrPort) (conn, error) {
-	var laddr *net.UDPAddr
-	if src.IsValid() {
-		laddr = net.UDPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
+func (k kernelSockets) dial(src netip.AddrPort, dst netip.AddrPort) (conn, error) {
+	d := net.Dialer{Control: listenControl(false)}
+	if src.Addr().IsValid() {
+		d.LocalAddr = net.UDPAddrFromAddrPort(src)
 	}
-	uc, err := net.DialUDP(udpNetwork(dst.Addr()), laddr, net.UDPAddrFromAddrPort(dst))
+	nc, err := d.Dial(udpNetwork(dst.Addr()), dst.String())
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", dst, err)
+		return nil, fmt.Errorf("dial %s from %s: %w", dst, src, err)
 	}
+	uc := nc.(*net.UDPConn)
 	c, err := newUDPConn(uc, true)
 	if err != nil {
 		uc.Close()
