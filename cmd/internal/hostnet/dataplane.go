@@ -2,6 +2,9 @@ package hostnet
 
 import (
 	"errors"
+	"slices"
+	"sync"
+	"time"
 
 	"github.com/ikelb/ikelb/dataplane"
 )
@@ -12,7 +15,15 @@ type Dataplane struct {
 	*dataplane.Engine
 	m  *Manager
 	fp *FastPath // nil: no kernel fast path
+
+	mu   sync.Mutex // serialises Manager applies; guards last
+	last []dataplane.Service
 }
+
+// fastApplyWait bounds how long SetServices waits for the fast path to
+// install a new set's transparent rules before deciding which replies
+// hostnet's TPROXY rule still diverts.
+const fastApplyWait = 2 * time.Second
 
 // Wrap returns e with m reconciled on every SetServices.
 func Wrap(e *dataplane.Engine, m *Manager) *Dataplane { return &Dataplane{Engine: e, m: m} }
@@ -20,23 +31,57 @@ func Wrap(e *dataplane.Engine, m *Manager) *Dataplane { return &Dataplane{Engine
 // WrapFast is Wrap with the kernel fast path fp (nil: none) also following
 // the committed services, its counts added to Counters.
 func WrapFast(e *dataplane.Engine, m *Manager, fp *FastPath) *Dataplane {
-	return &Dataplane{Engine: e, m: m, fp: fp}
+	d := &Dataplane{Engine: e, m: m, fp: fp}
+	if fp != nil {
+		fp.mu.Lock()
+		fp.notify = d.reapply
+		fp.mu.Unlock()
+	}
+	return d
 }
 
-// SetServices hands set to the engine, then makes the host's TPROXY rules
-// and routes match its transparent services and the engine's reply ports,
-// and hands it to the fast path (which returns at once). A set the engine
-// rejects as invalid changes none of them.
+// SetServices hands set to the engine and to the fast path, then makes
+// the host's TPROXY rules and routes match the engine's reply ports and
+// the transparent services whose replies the fast path does not
+// re-address itself: it waits (at most fastApplyWait) for the fast path
+// to install the set, so a service's TPROXY rule goes only once the
+// kernel's stateless rules are in place (while both exist, TPROXY at
+// mangle priority diverts the replies first, which is still correct). A
+// set the engine rejects as invalid changes none of them.
 func (d *Dataplane) SetServices(set []dataplane.Service) error {
 	err := d.Engine.SetServices(set)
 	if errors.Is(err, dataplane.ErrInvalidService) {
 		return err
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.last = set
+	var covered map[uint32]bool
 	if d.fp != nil {
-		d.fp.SetServices(set)
+		covered = d.fp.transparent(d.fp.setServices(set), fastApplyWait)
+	}
+	return errors.Join(err, d.applyHost(set, covered))
+}
+
+// reapply re-applies the host setup for the last set after the fast
+// path's transparent rules changed on their own (a failed rebuild).
+func (d *Dataplane) reapply() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.applyHost(d.last, d.fp.transparent(0, 0)); err != nil {
+		d.m.log.Error("host setup for transparent services failed", "error", err)
+	}
+}
+
+// applyHost applies the TPROXY setup of set's transparent services not in
+// covered. Called with d.mu held.
+func (d *Dataplane) applyHost(set []dataplane.Service, covered map[uint32]bool) error {
+	rest := set
+	if len(covered) > 0 {
+		rest = slices.DeleteFunc(slices.Clone(set), func(s dataplane.Service) bool { return covered[s.ID] })
 	}
 	p4, p6 := d.Engine.ReplyPorts()
-	return errors.Join(err, d.m.Apply(SpecFor(set, p4, p6)))
+	return d.m.Apply(SpecFor(rest, p4, p6))
 }
 
 // Counters is the engine's counters plus, per service, the packets the

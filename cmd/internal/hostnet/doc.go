@@ -30,9 +30,10 @@
 //   - Errors are wrapped; a missing privilege is reported as ErrPermission
 //     ("transparent mode needs CAP_NET_ADMIN: …").
 //
-// FastPath is the kernel fast path for nat-mode services (WrapFast wires it
-// in): it owns the tables "ip ikelb_fast" and "ip6 ikelb_fast" (apart from
-// Manager's, which Apply replaces wholesale), and keeps per service
+// FastPath is the kernel fast path for nat-mode and (IPv4) transparent-mode
+// services (WrapFast wires it in): it owns the tables "ip ikelb_fast" and
+// "ip6 ikelb_fast" (apart from Manager's, which Apply replaces wholesale),
+// and keeps per nat service
 //
 //	map aff_ID { client → backend }   exactly the committed affinities whose backend is Usable
 //	raw prerouting:  ip daddr VIP udp dport @ports_ID ip saddr != @aff_ID notrack
@@ -40,6 +41,19 @@
 //	nat prerouting:  ip daddr VIP udp dport @ports_ID dnat to ip saddr map @aff_ID
 //	nat postrouting: ct status dnat ct original ip daddr VIP ct original proto-dst @ports_ID masquerade (or snat to SNAT)
 //	forward:         the same ct match: counter fwd_ID / rep_ID, add @seen_ID { ip saddr }
+//
+// and per transparent service (stateless: no conntrack, so any node
+// carries any packet; the same map maintenance):
+//
+//	set bk_ID { every backend of the VIP's family, whatever its state }
+//	raw prerouting:  ip daddr VIP udp dport @ports_ID ip saddr @aff_ID notrack counter fwd_ID add @seen_ID { ip saddr } ip daddr set ip saddr map @aff_ID
+//	raw prerouting:  ip saddr @bk_ID udp sport @ports_ID fib daddr type != local notrack
+//	forward:         ip saddr @bk_ID udp sport @ports_ID ct state untracked counter rep_ID ip saddr set VIP
+//
+// Dataplane leaves a transparent service out of Manager's TPROXY rule once
+// the fast path has installed these rules for it (TPROXY at mangle
+// priority would divert the replies before forward), and puts it back if
+// they go.
 //
 // Guarantees: it never blocks the table's writer (changes reach it through
 // a bounded dataplane.ChangeQueue; an overflow or Reset resyncs from Range);

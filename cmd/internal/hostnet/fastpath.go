@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -91,6 +92,12 @@ type fastService struct {
 	// family: ID → address. The kernel cannot translate between families.
 	backends   map[uint32]netip.Addr
 	touchEvery time.Duration
+	// transparent: stateless rules (daddr rewrite for requests, saddr
+	// rewrite for replies) instead of DNAT/SNAT; replyFrom holds every
+	// backend of the VIP's family, whatever its state, whose replies the
+	// kernel re-addresses from the VIP (sorted).
+	transparent bool
+	replyFrom   []netip.Addr
 }
 
 func (s *fastService) v6() bool { return !s.vip.Is4() }
@@ -98,40 +105,67 @@ func (s *fastService) v6() bool { return !s.vip.Is4() }
 // sameRules reports whether a and b need the same nft rules (backends go
 // into the map, not the rules).
 func (s *fastService) sameRules(o *fastService) bool {
-	return s.id == o.id && s.vip == o.vip && s.snat == o.snat && slices.Equal(s.ports, o.ports)
+	return s.id == o.id && s.vip == o.vip && s.snat == o.snat && slices.Equal(s.ports, o.ports) &&
+		s.transparent == o.transparent && slices.Equal(s.replyFrom, o.replyFrom)
 }
 
-// fastServices selects the services the fast path serves: nat mode. Why
-// not transparent mode: dataplane/DESIGN.md "Kernel fast path".
+// fastEligible reports whether the fast path serves s (given that the
+// kernel forwards its family): nat mode, and transparent mode with an
+// IPv4 VIP. A loopback VIP or backend would be rewritten to local
+// delivery, not forwarded: those stay on the userspace path. Transparent
+// IPv6 stays in userspace: rewriting an IPv6 address needs the payload
+// expression's L4 pseudo-header checksum flag without an inet checksum
+// type (what the nft CLI emits), which github.com/google/nftables v0.3.0
+// does not marshal (it sends the flags only with a checksum type).
+func fastEligible(s dataplane.Service) bool {
+	if !s.VIP.IsValid() || len(s.Ports) == 0 || s.VIP.Unmap().IsLoopback() {
+		return false
+	}
+	switch s.Mode {
+	case dataplane.ModeNAT:
+		return !s.SNAT.IsValid() || s.SNAT.Unmap().Is4() == s.VIP.Unmap().Is4()
+	case dataplane.ModeTransparent:
+		return s.VIP.Unmap().Is4()
+	}
+	return false
+}
+
+// fastServices selects the services the fast path serves (fastEligible).
+// Why transparent mode is stateless: dataplane/DESIGN.md "Kernel fast
+// path".
 func fastServices(set []dataplane.Service) map[uint32]*fastService {
 	out := map[uint32]*fastService{}
 	for _, s := range set {
-		// A loopback VIP or backend would be DNATed to local delivery,
-		// not forwarded: keep those on the userspace path.
-		if s.Mode != dataplane.ModeNAT || !s.VIP.IsValid() || len(s.Ports) == 0 || s.VIP.Unmap().IsLoopback() {
+		if !fastEligible(s) {
 			continue
 		}
 		fs := &fastService{
 			id: s.ID, vip: s.VIP.Unmap(), ports: slices.Clone(s.Ports),
 			backends: map[uint32]netip.Addr{}, touchEvery: dataplane.MaxTouchInterval,
+			transparent: s.Mode == dataplane.ModeTransparent,
 		}
 		slices.Sort(fs.ports)
 		fs.ports = slices.Compact(fs.ports)
-		if s.SNAT.IsValid() {
+		if s.SNAT.IsValid() && !fs.transparent {
 			fs.snat = s.SNAT.Unmap()
-			if fs.snat.Is4() != fs.vip.Is4() {
-				continue // the backends of the VIP's family have another SNAT family: userspace only
-			}
 		}
 		if s.Timeout > 0 {
 			fs.touchEvery = min(s.Timeout/4, dataplane.MaxTouchInterval)
 		}
 		for _, b := range s.Backends {
 			a := b.Addr.Unmap()
-			if b.Usable() && a.Is4() == fs.vip.Is4() && !a.IsLoopback() {
+			if a.Is4() != fs.vip.Is4() || a.IsLoopback() {
+				continue
+			}
+			if b.Usable() {
 				fs.backends[b.ID] = a
 			}
+			if fs.transparent {
+				fs.replyFrom = append(fs.replyFrom, a)
+			}
 		}
+		slices.SortFunc(fs.replyFrom, netip.Addr.Compare)
+		fs.replyFrom = slices.Compact(fs.replyFrom)
 		out[s.ID] = fs
 	}
 	return out
@@ -170,11 +204,13 @@ type fastKernel interface {
 }
 
 // FastPath keeps the kernel forwarding established clients of nat-mode
-// services: per service an nft map client → backend holding exactly the
-// committed affinities whose backend is usable, a DNAT rule that uses it
-// (a client not in the map falls through to the userspace listener), SNAT
-// for those flows, counters, and an active-client set from which it
-// proposes touches. See the package doc and dataplane/DESIGN.md.
+// and (IPv4) transparent-mode services: per service an nft map client →
+// backend holding exactly the committed affinities whose backend is
+// usable; for nat a DNAT rule that uses it and SNAT for those flows, for
+// transparent stateless address rewrites of untracked requests and
+// replies (a client not in the map falls through to the userspace
+// listener); counters, and an active-client set from which it proposes
+// touches. See the package doc and dataplane/DESIGN.md.
 type FastPath struct {
 	// set once
 	cfg    FastPathConfig
@@ -186,9 +222,19 @@ type FastPath struct {
 	done   chan struct{}
 	wake   chan struct{} // capacity 1: a new service set is pending
 
-	mu       sync.Mutex // guards the following
-	pending  []dataplane.Service
-	hasSet   bool
+	mu      sync.Mutex // guards the following
+	pending []dataplane.Service
+	hasSet  bool
+	gen     uint64 // of the latest SetServices
+	// the goroutine's answer to the set of generation applied: the
+	// transparent services whose stateless rules are installed;
+	// appliedCh is closed (and replaced) when it changes.
+	applied   uint64
+	covered   map[uint32]bool
+	appliedCh chan struct{}
+	// notify is called (on the goroutine) when the covered set changes
+	// outside a SetServices, e.g. a failed rebuild took the rules away.
+	notify   func()
 	counters map[uint32]FastCounters // latest read, cumulative
 	base     map[uint32]FastCounters // counts of objects replaced by a rebuild
 	closed   bool
@@ -213,12 +259,14 @@ func startFastPath(cfg FastPathConfig, k fastKernel) *FastPath {
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &FastPath{
 		cfg: cfg, log: cfg.Logger, table: cfg.Table, kernel: k,
-		queue:    dataplane.NewChangeQueue(cfg.QueueSize),
-		cancel:   cancel,
-		done:     make(chan struct{}),
-		wake:     make(chan struct{}, 1),
-		counters: map[uint32]FastCounters{},
-		base:     map[uint32]FastCounters{},
+		queue:     dataplane.NewChangeQueue(cfg.QueueSize),
+		cancel:    cancel,
+		done:      make(chan struct{}),
+		wake:      make(chan struct{}, 1),
+		counters:  map[uint32]FastCounters{},
+		base:      map[uint32]FastCounters{},
+		covered:   map[uint32]bool{},
+		appliedCh: make(chan struct{}),
 	}
 	f.table.SetObserver(f.queue)
 	go f.run(ctx)
@@ -228,13 +276,71 @@ func startFastPath(cfg FastPathConfig, k fastKernel) *FastPath {
 // SetServices hands the committed service set to the fast path; it returns
 // at once (the fast path's goroutine reconciles the kernel, a backend that
 // is no longer usable leaving the map first).
-func (f *FastPath) SetServices(set []dataplane.Service) {
+func (f *FastPath) SetServices(set []dataplane.Service) { f.setServices(set) }
+
+func (f *FastPath) setServices(set []dataplane.Service) uint64 {
 	f.mu.Lock()
+	f.gen++
+	gen := f.gen
 	f.pending, f.hasSet = set, true
 	f.mu.Unlock()
 	select {
 	case f.wake <- struct{}{}:
 	default:
+	}
+	return gen
+}
+
+// Transparent returns the IDs of the transparent services whose stateless
+// kernel rules are installed (their replies are re-addressed by the
+// kernel, so hostnet's TPROXY rule must not divert them), once the fast
+// path has applied SetServices generation gen or timeout passed
+// (then: as of the last set applied).
+func (f *FastPath) transparent(gen uint64, timeout time.Duration) map[uint32]bool {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		f.mu.Lock()
+		done, ch := f.applied >= gen || f.closed, f.appliedCh
+		if done {
+			out := maps.Clone(f.covered)
+			f.mu.Unlock()
+			return out
+		}
+		f.mu.Unlock()
+		select {
+		case <-ch:
+		case <-deadline.C:
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			return maps.Clone(f.covered)
+		}
+	}
+}
+
+// publish records which transparent services st has installed, for the
+// set of generation gen (0: keep the generation).
+func (f *FastPath) publish(st *fastState, gen uint64) {
+	covered := map[uint32]bool{}
+	if st.installed {
+		for id, s := range st.svcs {
+			if s.transparent {
+				covered[id] = true
+			}
+		}
+	}
+	f.mu.Lock()
+	if gen > f.applied {
+		f.applied = gen
+	}
+	changed := !maps.Equal(f.covered, covered)
+	f.covered = covered
+	close(f.appliedCh)
+	f.appliedCh = make(chan struct{})
+	notify := f.notify
+	f.mu.Unlock()
+	if changed && gen == 0 && notify != nil {
+		go notify() // not after a SetServices (its caller reads the answer); never block the goroutine
 	}
 }
 
@@ -294,11 +400,12 @@ func (f *FastPath) run(ctx context.Context) {
 			return
 		case <-f.wake:
 			f.mu.Lock()
-			set, ok := f.pending, f.hasSet
+			set, ok, gen := f.pending, f.hasSet, f.gen
 			f.pending, f.hasSet = nil, false
 			f.mu.Unlock()
 			if ok {
 				f.applyServices(st, set)
+				f.publish(st, gen)
 			}
 		case <-f.queue.Ready():
 			if f.take(st) && !flushArmed {
@@ -376,12 +483,12 @@ func (f *FastPath) diff(st *fastState, k dataplane.ClientKey, ops []mapOp) []map
 	case ok && !had:
 		ops = append(ops, mapOp{svc: s, client: c, backend: want})
 	case ok && had && want != have:
-		ops = append(ops, mapOp{svc: s, client: c}, mapOp{svc: s, client: c, backend: want, forget: true})
+		ops = append(ops, mapOp{svc: s, client: c}, mapOp{svc: s, client: c, backend: want, forget: !s.transparent})
 	case !ok && had:
 		if s == nil {
 			break // its service is gone with its map
 		}
-		ops = append(ops, mapOp{svc: s, client: c, forget: true})
+		ops = append(ops, mapOp{svc: s, client: c, forget: !s.transparent})
 	}
 	return ops
 }
@@ -503,6 +610,7 @@ func (f *FastPath) rebuild(st *fastState, old map[uint32]*fastService) {
 	} else if err := f.kernel.install(st.svcs, elems); err != nil {
 		f.log.Error("fast path: installing the nft table failed; clients stay on the userspace path", "error", err)
 		st.installed = false
+		f.publish(st, 0)
 		return
 	}
 	var forget []mapOp
@@ -510,7 +618,7 @@ func (f *FastPath) rebuild(st *fastState, old map[uint32]*fastService) {
 		if elems[k] == a {
 			continue
 		}
-		if s := old[k.Service]; s != nil {
+		if s := old[k.Service]; s != nil && !s.transparent { // transparent clients have no conntrack entry to forget
 			forget = append(forget, mapOp{svc: s, client: k.Client.Netip(), forget: true})
 		}
 	}
@@ -523,6 +631,7 @@ func (f *FastPath) rebuild(st *fastState, old map[uint32]*fastService) {
 	st.mirror = elems
 	st.installed = len(st.svcs) > 0
 	f.forget(forget)
+	f.publish(st, 0)
 }
 
 // poll reads the counters and proposes touches for the clients the kernel

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 
 	"github.com/google/nftables"
@@ -121,9 +122,14 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 		return c.AddChain(&nftables.Chain{Name: name, Table: t, Type: typ, Hooknum: hook, Priority: prio})
 	}
 	rawPre := chain("raw_prerouting", nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityRaw)
-	rawOut := chain("raw_output", nftables.ChainTypeFilter, nftables.ChainHookOutput, nftables.ChainPriorityRaw)
-	natPre := chain("nat_prerouting", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest)
-	natPost := chain("nat_postrouting", nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource)
+	// The nat-mode chains only when the family has a nat service: a hook
+	// without rules still costs every packet a call.
+	var rawOut, natPre, natPost *nftables.Chain
+	if slices.ContainsFunc(ids, func(id uint32) bool { return !svcs[id].transparent }) {
+		rawOut = chain("raw_output", nftables.ChainTypeFilter, nftables.ChainHookOutput, nftables.ChainPriorityRaw)
+		natPre = chain("nat_prerouting", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest)
+		natPost = chain("nat_postrouting", nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource)
+	}
 	fwd := chain("forward", nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter)
 
 	for _, id := range ids {
@@ -144,6 +150,12 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 		}
 		c.AddObj(&nftables.CounterObj{Table: t, Name: fwdCounter(s)})
 		c.AddObj(&nftables.CounterObj{Table: t, Name: repCounter(s)})
+		if s.transparent {
+			if err := k.transparentRules(c, t, s, ports, aff, seen, rawPre, fwd); err != nil {
+				return err
+			}
+			continue
+		}
 
 		// A client not in the map: untracked, to the userspace listener
 		// (and the listener's replies untracked too), so that the first
@@ -443,3 +455,77 @@ func hasFamily(svcs map[uint32]*fastService, v6 bool) bool {
 
 // ipsDstNAT is conntrack's IPS_DST_NAT status bit.
 const ipsDstNAT = 1 << 5
+
+func replySet(t *nftables.Table, s *fastService) *nftables.Set {
+	return &nftables.Set{Table: t, Name: "bk_" + strconv.FormatUint(uint64(s.id), 10), KeyType: nftables.TypeIPAddr}
+}
+
+// transparentRules are a transparent service's stateless rules (IPv4
+// only: fastEligible):
+//
+//	raw prerouting: ip daddr VIP udp dport @ports ip saddr @aff notrack counter fwd add @seen { ip saddr } ip daddr set ip saddr map @aff
+//	raw prerouting: ip saddr @bk udp sport @ports fib daddr type != local notrack
+//	forward:        ip saddr @bk udp sport @ports ct state untracked counter rep ip saddr set VIP
+//
+// The request is rewritten before routing (so it is forwarded to the
+// backend); the reply's source only after routing, in forward: a packet
+// arriving with a local source address (the VIP) is a martian to the
+// input route lookup. The rewrites fix the IP header checksum and the
+// UDP checksum's pseudo-header (as the nft CLI's "ip daddr set" does).
+// "ct state untracked" also makes the kernel load conntrack's defrag
+// hook for the table, so fragmented datagrams are reassembled before the
+// raw rules (a non-first fragment has no UDP header to match).
+func (k *nftFast) transparentRules(c *nftables.Conn, t *nftables.Table, s *fastService, ports, aff, seen *nftables.Set, rawPre, fwd *nftables.Chain) error {
+	bk := replySet(t, s)
+	var be []nftables.SetElement
+	for _, a := range s.replyFrom {
+		be = append(be, nftables.SetElement{Key: a.AsSlice()})
+	}
+	if err := c.AddSet(bk, be); err != nil {
+		return wrap("nft set "+bk.Name, err)
+	}
+	src, dst, n := addrOffsets(s)
+	const ipCsumOffset = 10
+	rewrite := func(off uint32) *expr.Payload {
+		return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: 1, Base: expr.PayloadBaseNetworkHeader,
+			Offset: off, Len: n, CsumType: expr.CsumTypeInet, CsumOffset: ipCsumOffset, CsumFlags: unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR}
+	}
+	fromBackend := concat(isUDP(), []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: src, Len: n},
+		&expr.Lookup{SourceRegister: 1, SetName: bk.Name, SetID: bk.ID},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
+		&expr.Lookup{SourceRegister: 1, SetName: ports.Name, SetID: ports.ID},
+	})
+	// Requests of clients in the map (a miss ends the rule: userspace
+	// decides the client). The membership test first, then the map
+	// lookup for the rewrite: one lookup would do, but nft lists a bare
+	// map lookup into a register as nothing ("… notrack").
+	c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(toVIP(s, ports), saddr(s), []expr.Any{
+		&expr.Lookup{SourceRegister: 1, SetName: aff.Name, SetID: aff.ID},
+		&expr.Notrack{},
+		&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: fwdCounter(s)},
+		&expr.Dynset{SrcRegKey: 1, SetName: seen.Name, SetID: seen.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+		&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: aff.Name, SetID: aff.ID},
+		rewrite(dst),
+	})})
+	// Replies: untracked when routed through (never the balancer's own
+	// traffic with the backend, e.g. health checks).
+	c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(fromBackend, []expr.Any{
+		&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+		&expr.Notrack{},
+	})})
+	c.AddRule(&nftables.Rule{Table: t, Chain: fwd, Exprs: concat(fromBackend, []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(ctStateUntracked), Xor: binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: repCounter(s)},
+		&expr.Immediate{Register: 1, Data: s.vip.AsSlice()},
+		rewrite(src),
+	})})
+	return nil
+}
+
+// ctStateUntracked is nft's "ct state untracked" bit.
+const ctStateUntracked = 1 << 6

@@ -26,12 +26,22 @@ func TestFastServices(t *testing.T) {
 				{ID: 4, Addr: a("10.0.0.14"), State: dataplane.StateActive, Health: dataplane.HealthDown}, // not
 				{ID: 5, Addr: a("fd00::5"), State: dataplane.StateActive},                                 // other family
 			}},
-		{ID: 2, Mode: dataplane.ModeTransparent, VIP: a("10.0.100.2"), Ports: []uint16{500}},
+		{ID: 2, Mode: dataplane.ModeTransparent, VIP: a("10.0.100.2"), Ports: []uint16{500},
+			Backends: []dataplane.Backend{
+				{ID: 1, Addr: a("10.0.0.22"), State: dataplane.StateDisabled}, // replies still re-addressed
+				{ID: 2, Addr: a("::ffff:10.0.0.21"), State: dataplane.StateActive},
+				{ID: 3, Addr: a("fd00::3"), State: dataplane.StateActive},
+			}},
 		{ID: 3, Mode: dataplane.ModeNAT, VIP: a("10.0.100.3"), Ports: []uint16{500}, SNAT: a("fd00::1")},
+		{ID: 4, Mode: dataplane.ModeTransparent, VIP: a("fd00::100"), Ports: []uint16{500}},
 	}
 	got := fastServices(set)
-	if len(got) != 1 || got[1] == nil {
-		t.Fatalf("services %v, want only 1 (transparent and a cross-family SNAT stay in userspace)", got)
+	if len(got) != 2 || got[1] == nil || got[2] == nil {
+		t.Fatalf("services %v, want 1 and 2 (IPv6 transparent and a cross-family SNAT stay in userspace)", got)
+	}
+	if tr := got[2]; !tr.transparent || got[1].transparent || !slices.Equal(tr.replyFrom, []netip.Addr{a("10.0.0.21"), a("10.0.0.22")}) ||
+		len(tr.backends) != 1 || tr.backends[2] != a("10.0.0.21") {
+		t.Fatalf("transparent service %+v", tr)
 	}
 	s := got[1]
 	if !slices.Equal(s.ports, []uint16{500, 4500}) || s.touchEvery != 15*time.Second || s.vip != a("10.0.100.1") {
@@ -153,14 +163,26 @@ func TestFastPathChild(t *testing.T) {
 		if snat != "" {
 			s.SNAT = a(snat)
 		}
-		return []dataplane.Service{s, {ID: 8, Name: "t", Mode: dataplane.ModeTransparent, VIP: a("10.0.100.2"), Ports: []uint16{500}}}
+		return []dataplane.Service{s, {ID: 8, Name: "t", Mode: dataplane.ModeTransparent, VIP: a("10.0.100.2"), Ports: []uint16{500, 4500},
+			Backends: []dataplane.Backend{
+				{ID: 1, Addr: a("10.0.0.21"), Weight: 1, State: dataplane.StateActive},
+				{ID: 2, Addr: a("10.0.0.22"), Weight: 1, State: dataplane.StateDisabled},
+			}}}
 	}
 	fp.SetServices(svc(dataplane.StateActive, ""))
 	tb.Put(key("10.1.0.2"), dataplane.Entry{Backend: 2})
-	tb.Put(key("10.1.0.3"), dataplane.Entry{Backend: 3})                                                            // disabled: not in the map
-	tb.Put(key("10.1.0.4"), dataplane.Entry{Backend: 4})                                                            // IPv6 backend: not in the map
-	tb.Put(dataplane.ClientKey{Service: 8, Client: dataplane.AddrFrom(a("10.1.0.9"))}, dataplane.Entry{Backend: 1}) // transparent
+	tb.Put(key("10.1.0.3"), dataplane.Entry{Backend: 3}) // disabled: not in the map
+	tb.Put(key("10.1.0.4"), dataplane.Entry{Backend: 4}) // IPv6 backend: not in the map
+	tkey := func(c string) dataplane.ClientKey {
+		return dataplane.ClientKey{Service: 8, Client: dataplane.AddrFrom(a(c))}
+	}
+	tb.Put(tkey("10.1.0.9"), dataplane.Entry{Backend: 1})  // transparent
+	tb.Put(tkey("10.1.0.10"), dataplane.Entry{Backend: 2}) // transparent, disabled backend: not in the map
 	waitMap(t, "aff_7", "10.1.0.1 : 10.0.0.11", "10.1.0.2 : 10.0.0.12")
+	waitMap(t, "aff_8", "10.1.0.9 : 10.0.0.21")
+	if cov := fp.transparent(0, 0); len(cov) != 1 || !cov[8] {
+		t.Fatalf("transparent services covered %v, want 8", cov)
+	}
 
 	out, err := exec.Command("nft", "list", "table", "ip", DefaultFastNFTTable).CombinedOutput()
 	if err != nil {
@@ -172,15 +194,22 @@ func TestFastPathChild(t *testing.T) {
 		"map aff_7 { type ipv4_addr : ipv4_addr",
 		"set seen_7 { type ipv4_addr size 1048576 flags dynamic }",
 		"counter fwd_7 {", "counter rep_7 {",
-		"chain raw_prerouting { type filter hook prerouting priority raw; policy accept; ip daddr 10.0.100.1 udp dport @ports_7 ip saddr != @aff_7 notrack }",
+		"chain raw_prerouting { type filter hook prerouting priority raw; policy accept; ip daddr 10.0.100.1 udp dport @ports_7 ip saddr != @aff_7 notrack",
 		"chain raw_output { type filter hook output priority raw; policy accept; ip saddr 10.0.100.1 udp sport @ports_7 notrack }",
 		"chain nat_prerouting { type nat hook prerouting priority dstnat; policy accept; ip daddr 10.0.100.1 udp dport @ports_7 dnat to ip saddr map @aff_7 }",
 		"chain nat_postrouting { type nat hook postrouting priority srcnat; policy accept; meta l4proto udp ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 masquerade }",
 		"ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 ct direction original counter name \"fwd_7\" add @seen_7 { ip saddr }",
 		"ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 ct direction reply counter name \"rep_7\"",
 	)
-	if strings.Contains(string(out), "stale") || strings.Contains(string(out), "10.0.100.2") {
-		t.Fatalf("stale chain or the transparent service in the table:\n%s", out)
+	// The transparent service: stateless rules, no DNAT/SNAT.
+	mustContain(t, "nft table", string(out),
+		"set bk_8 { type ipv4_addr elements = { 10.0.0.21, 10.0.0.22 } }",
+		"ip daddr 10.0.100.2 udp dport @ports_8 ip saddr @aff_8 notrack counter name \"fwd_8\" add @seen_8 { ip saddr } ip daddr set ip saddr map @aff_8",
+		"ip saddr @bk_8 udp sport @ports_8 fib daddr type != local notrack",
+		"ip saddr @bk_8 udp sport @ports_8 ct state untracked counter name \"rep_8\" ip saddr set 10.0.100.2",
+	)
+	if strings.Contains(string(out), "stale") || strings.Count(string(out), "10.0.100.2") != 2 {
+		t.Fatalf("stale chain, or the transparent service in the nat rules:\n%s", out)
 	}
 
 	// Delete, re-bind, a new binding.
@@ -245,7 +274,9 @@ func TestFastPathChild(t *testing.T) {
 	}
 
 	// No nat service left: the table goes; then Close.
-	fp.SetServices(nil)
+	if cov := fp.transparent(fp.setServices(nil), 5*time.Second); len(cov) != 0 {
+		t.Fatalf("transparent services covered %v with no service", cov)
+	}
 	deadline = time.Now().Add(5 * time.Second)
 	for exec.Command("nft", "list", "table", "ip", DefaultFastNFTTable).Run() == nil {
 		if time.Now().After(deadline) {
