@@ -235,6 +235,7 @@ type FastPath struct {
 	// notify is called (on the goroutine) when the covered set changes
 	// outside a SetServices, e.g. a failed rebuild took the rules away.
 	notify   func()
+	notifyWG sync.WaitGroup          // notify calls under way; Close waits
 	counters map[uint32]FastCounters // latest read, cumulative
 	base     map[uint32]FastCounters // counts of objects replaced by a rebuild
 	closed   bool
@@ -338,9 +339,16 @@ func (f *FastPath) publish(st *fastState, gen uint64) {
 	close(f.appliedCh)
 	f.appliedCh = make(chan struct{})
 	notify := f.notify
+	call := changed && gen == 0 && notify != nil && !f.closed
+	if call {
+		f.notifyWG.Add(1) // Close waits: a late notify would re-apply host rules after their owner removed them
+	}
 	f.mu.Unlock()
-	if changed && gen == 0 && notify != nil {
-		go notify() // not after a SetServices (its caller reads the answer); never block the goroutine
+	if call {
+		go func() { // never block the goroutine
+			defer f.notifyWG.Done()
+			notify()
+		}()
 	}
 }
 
@@ -370,6 +378,13 @@ func (f *FastPath) Close() error {
 	f.table.SetObserver(nil)
 	f.cancel()
 	<-f.done
+	// Wake transparent() waiters (a SetServices holding the Dataplane's
+	// lock that a notify call may be waiting for), then wait for notify.
+	f.mu.Lock()
+	close(f.appliedCh)
+	f.appliedCh = make(chan struct{})
+	f.mu.Unlock()
+	f.notifyWG.Wait()
 	return f.kernel.remove()
 }
 
@@ -609,6 +624,23 @@ func (f *FastPath) rebuild(st *fastState, old map[uint32]*fastService) {
 		}
 	} else if err := f.kernel.install(st.svcs, elems); err != nil {
 		f.log.Error("fast path: installing the nft table failed; clients stay on the userspace path", "error", err)
+		// The failed transaction left the previous table in place: it
+		// would keep forwarding with a map nothing maintains any more
+		// (flushes and polls stop while not installed). Take it away and
+		// forget its nat clients' DNAT entries, so that the userspace path
+		// decides them.
+		if err := f.kernel.remove(); err != nil {
+			f.log.Warn("fast path: removing the previous nft table failed", "error", err)
+		} else {
+			var forget []mapOp
+			for k := range st.mirror {
+				if s := old[k.Service]; s != nil && !s.transparent {
+					forget = append(forget, mapOp{svc: s, client: k.Client.Netip(), forget: true})
+				}
+			}
+			st.mirror = map[dataplane.ClientKey]netip.Addr{}
+			f.forget(forget)
+		}
 		st.installed = false
 		f.publish(st, 0)
 		return

@@ -1,0 +1,166 @@
+package hostnet
+
+import (
+	"errors"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ikelb/ikelb/dataplane"
+)
+
+// fakeKernel is a fastKernel in memory: whether the table exists, with the
+// rules of which services and which map elements; install can be made to
+// fail (atomically, as an nft transaction does: the old table stays).
+type fakeKernel struct {
+	mu         sync.Mutex
+	present    bool
+	svcs       map[uint32]*fastService
+	elems      map[dataplane.ClientKey]netip.Addr
+	installErr error
+	forgotten  []mapOp
+}
+
+func newFakeKernel() *fakeKernel {
+	return &fakeKernel{elems: map[dataplane.ClientKey]netip.Addr{}}
+}
+
+func (k *fakeKernel) install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.installErr != nil {
+		return k.installErr
+	}
+	k.present, k.svcs, k.elems = true, svcs, map[dataplane.ClientKey]netip.Addr{}
+	for key, a := range elems {
+		k.elems[key] = a
+	}
+	return nil
+}
+
+func (k *fakeKernel) update(ops []mapOp) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, op := range ops {
+		key := dataplane.ClientKey{Service: op.svc.id, Client: dataplane.AddrFrom(op.client)}
+		if op.backend.IsValid() {
+			k.elems[key] = op.backend
+		} else {
+			delete(k.elems, key)
+		}
+	}
+	return nil
+}
+
+func (k *fakeKernel) forget(ops []mapOp) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.forgotten = append(k.forgotten, ops...)
+	return nil
+}
+
+func (k *fakeKernel) counters(map[uint32]*fastService) (map[uint32]FastCounters, error) {
+	return map[uint32]FastCounters{}, nil
+}
+
+func (k *fakeKernel) seen(*fastService) ([]netip.Addr, error) { return nil, nil }
+
+func (k *fakeKernel) remove() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.present, k.svcs, k.elems = false, nil, map[dataplane.ClientKey]netip.Addr{}
+	return nil
+}
+
+func (k *fakeKernel) forwards(bool) bool { return true }
+
+func (k *fakeKernel) snapshot() (present bool, elems map[dataplane.ClientKey]netip.Addr, forgotten int) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	elems = map[dataplane.ClientKey]netip.Addr{}
+	for key, a := range k.elems {
+		elems[key] = a
+	}
+	return k.present, elems, len(k.forgotten)
+}
+
+// TestFastPathInstallFailureLeavesNoStaleRules: when a rebuild cannot
+// install the new rules, the previous table must not stay in the kernel.
+// It would keep DNATing the clients of its map to their old backends
+// (also one that was since disabled or removed) while nothing maintains
+// the map any more (flushes and polls stop while not installed), and the
+// log says the clients "stay on the userspace path".
+func TestFastPathInstallFailureLeavesNoStaleRules(t *testing.T) {
+	a := netip.MustParseAddr
+	tb := dataplane.NewTable()
+	key := dataplane.ClientKey{Service: 7, Client: dataplane.AddrFrom(a("10.1.0.1"))}
+	tb.Put(key, dataplane.Entry{Backend: 1})
+	k := newFakeKernel()
+	fp := startFastPath(FastPathConfig{Logger: slogDiscard, Table: tb, Poll: time.Hour}, k)
+	defer fp.Close()
+
+	svc := func(ports ...uint16) []dataplane.Service {
+		return []dataplane.Service{{ID: 7, Mode: dataplane.ModeNAT, VIP: a("10.0.100.1"), Ports: ports,
+			Backends: []dataplane.Backend{{ID: 1, Addr: a("10.0.0.11"), Weight: 1, State: dataplane.StateActive}}}}
+	}
+	fp.transparent(fp.setServices(svc(500, 4500)), 5*time.Second)
+	if present, elems, _ := k.snapshot(); !present || elems[key] != a("10.0.0.11") {
+		t.Fatalf("after the first set: table present %v, map %v", present, elems)
+	}
+
+	k.mu.Lock()
+	k.installErr = errors.New("injected nft failure")
+	k.mu.Unlock()
+	fp.transparent(fp.setServices(svc(4500)), 5*time.Second) // other ports: a rebuild
+	present, elems, forgotten := k.snapshot()
+	if present || len(elems) != 0 {
+		t.Fatalf("rebuild failed but the old table is still installed (present %v, map %v): the kernel keeps forwarding with rules nothing maintains", present, elems)
+	}
+	if forgotten == 0 {
+		t.Fatalf("the map's nat clients' conntrack entries were not forgotten: their DNAT would outlive the table")
+	}
+}
+
+// TestFastPathCloseWaitsForNotify: a notify call (Dataplane.reapply, which
+// installs hostnet's TPROXY rules and routes) started by the fast path's
+// goroutine must be over when Close returns; otherwise it can run after
+// the daemon's Manager.Close and leave the host rules behind on exit.
+func TestFastPathCloseWaitsForNotify(t *testing.T) {
+	a := netip.MustParseAddr
+	k := newFakeKernel()
+	fp := startFastPath(FastPathConfig{Logger: slogDiscard, Table: dataplane.NewTable(), Poll: time.Hour}, k)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var ran sync.Mutex // held until notify has finished
+	ran.Lock()
+	fp.mu.Lock()
+	fp.notify = func() {
+		close(entered)
+		<-release
+		ran.Unlock()
+	}
+	fp.mu.Unlock()
+
+	// A transparent service becomes covered by a rebuild: notify is called.
+	fp.setServices([]dataplane.Service{{ID: 8, Mode: dataplane.ModeTransparent, VIP: a("10.0.100.2"), Ports: []uint16{500},
+		Backends: []dataplane.Backend{{ID: 1, Addr: a("10.0.0.21"), Weight: 1, State: dataplane.StateActive}}}})
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("notify was not called after the covered set changed")
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- fp.Close() }()
+	select {
+	case <-closed:
+		t.Fatal("Close returned while a notify call was still running")
+	case <-time.After(100 * time.Millisecond): // a negative check: Close must still be waiting
+	}
+	close(release)
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	if !ran.TryLock() {
+		t.Fatal("Close returned before notify finished")
+	}
+}
