@@ -3,6 +3,7 @@ package cluster
 import (
 	"cmp"
 	"context"
+	"log/slog"
 	"slices"
 	"sync"
 	"time"
@@ -46,32 +47,43 @@ func (n *Node) handOffLeadership() {
 // runLeadership starts the leader loop when this node becomes the leader
 // and stops it (waiting for it) when leadership is lost or ctx is done.
 func (n *Node) runLeadership(ctx context.Context) {
+	runLeaderLoops(ctx, n.raft.LeaderCh(), n.log, n.leaderLoop)
+}
+
+// runLeaderLoops runs loop for as long as leaderCh last said true, and waits
+// for it when leadership is lost or ctx is done.
+//
+// raft's LeaderCh keeps only the latest value (overrideNotifyBool), so a
+// quick lose-and-regain arrives as a second true with the false lost. A
+// true while a loop exists therefore means a new term: the old loop is
+// stopped (it may already have returned on its own, e.g. after a failed
+// barrier) and a fresh one started, which runs the barrier for this term.
+func runLeaderLoops(ctx context.Context, leaderCh <-chan bool, log *slog.Logger, loop func(context.Context)) {
 	var stop func()
 	defer func() {
 		if stop != nil {
 			stop()
 		}
 	}()
-	leaderCh := n.raft.LeaderCh()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case isLeader := <-leaderCh:
-			switch {
-			case isLeader && stop == nil:
-				n.log.Info("became raft leader")
+			if stop != nil {
+				log.Info("lost raft leadership")
+				stop()
+				stop = nil
+			}
+			if isLeader {
+				log.Info("became raft leader")
 				lctx, cancel := context.WithCancel(ctx)
 				done := make(chan struct{})
 				go func() {
 					defer close(done)
-					n.leaderLoop(lctx)
+					loop(lctx)
 				}()
 				stop = func() { cancel(); <-done }
-			case !isLeader && stop != nil:
-				n.log.Info("lost raft leadership")
-				stop()
-				stop = nil
 			}
 		}
 	}
@@ -172,7 +184,7 @@ func (n *Node) leaderLoop(ctx context.Context) {
 			}
 		case <-expiry.C:
 			commitHealth()
-			n.expire(ctx, services)
+			n.expire(ctx)
 			expiry.Reset(n.expiryInterval(services))
 		}
 	}
@@ -213,7 +225,15 @@ func (n *Node) expiryInterval(services []dataplane.Service) time.Duration {
 // expire proposes Expire records, carrying the last-seen observed, for every
 // affinity idle longer than its service's timeout (or whose service is
 // gone). The FSM deletes only those not refreshed in between.
-func (n *Node) expire(ctx context.Context, services []dataplane.Service) {
+//
+// Timeouts are read from the FSM here, not from the leader loop's copy of
+// the services: that copy may lag behind a commit the loop has not seen yet
+// (a new service, a longer timeout), and using it would expire live
+// clients. An entry whose service is unknown is expired only if its service
+// is still unknown after the scan (ids are never reused), since the service
+// may have been created while the table was scanned.
+func (n *Node) expire(ctx context.Context) {
+	services := n.fsm.Services()
 	timeout := make(map[uint32]int64, len(services))
 	for _, s := range services {
 		timeout[s.ID] = int64(s.Timeout)
@@ -226,6 +246,13 @@ func (n *Node) expire(ctx context.Context, services []dataplane.Service) {
 			expires = append(expires, &raftlogv1.Expire{ServiceId: k.Service, Client: clientBytes(k.Client), LastSeenNs: e.LastSeen})
 		}
 		return true
+	})
+	expires = slices.DeleteFunc(expires, func(x *raftlogv1.Expire) bool {
+		if _, ok := timeout[x.ServiceId]; ok {
+			return false
+		}
+		_, exists := n.fsm.serviceByID(x.ServiceId)
+		return exists
 	})
 	var deleted uint64
 	for chunk := range slices.Chunk(expires, max(n.cfg.Batch.MaxBatch, 1)) {

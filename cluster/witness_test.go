@@ -20,9 +20,10 @@ func TestWitnessHandsLeadershipBack(t *testing.T) {
 	// Make the witness the leader, as an election after n1 restarts could.
 	term := n1.node.Status().Term
 	addr := raft.ServerAddress(w.node.RaftAddr())
-	if err := n1.node.raft.LeadershipTransferToServer("w", addr).Error(); err != nil {
-		t.Fatalf("transfer to the witness: %v", err)
-	}
+	// The transfer fails while w is still catching up; retry until it takes.
+	waitWithin(t, 10*time.Second, "leadership transferred to the witness", func() bool {
+		return n1.node.raft.LeadershipTransferToServer("w", addr).Error() == nil
+	})
 	// Two elections later (to w, then back), n1 leads again.
 	waitWithin(t, 10*time.Second, "the witness hands leadership back to n1", func() bool {
 		return n1.node.IsLeader() && n1.node.Status().Term >= term+2
