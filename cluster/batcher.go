@@ -169,6 +169,15 @@ func (b *batcher) run(ctx context.Context, sink batchSink) {
 		}
 		p.add(pr)
 	}
+	requeue := func(rb *raftlogv1.AffinityBatch) {
+		n := uint64(len(rb.Binds) + len(rb.Touches))
+		if p.n >= b.cfg.QueueSize {
+			b.dropped.Add(n)
+			return
+		}
+		b.requeued.Add(n)
+		p.merge(rb)
+	}
 	linger := time.NewTimer(time.Hour)
 	linger.Stop()
 	retry := time.NewTimer(time.Hour)
@@ -186,7 +195,7 @@ func (b *batcher) run(ctx context.Context, sink batchSink) {
 				case pr := <-b.queue:
 					take(pr)
 				case rb := <-b.requeue:
-					p.merge(rb)
+					requeue(rb)
 				case <-retry.C:
 					break wait
 				}
@@ -198,8 +207,7 @@ func (b *batcher) run(ctx context.Context, sink batchSink) {
 			case pr := <-b.queue:
 				take(pr)
 			case rb := <-b.requeue:
-				b.requeued.Add(uint64(len(rb.Binds) + len(rb.Touches)))
-				p.merge(rb)
+				requeue(rb)
 			}
 			linger.Reset(b.cfg.Linger)
 		fill:
