@@ -56,9 +56,14 @@ func (f forwarder) applyEntry(ctx context.Context, t entryType, m proto.Message)
 	if err != nil {
 		return applyResult{}, fmt.Errorf("forwarded to leader %s: %w", leader, errorFromStatus(err))
 	}
-	wctx, cancel := context.WithTimeout(ctx, readYourWritesWait)
-	defer cancel()
-	_ = n.fsm.waitApplied(wctx, resp.GetIndex())
+	// Read your writes: wait for this node to apply the entry. raft's own
+	// applied index covers an entry that arrived inside an installed
+	// snapshot (FSM.Restore cannot know the snapshot's index).
+	if n.raft.AppliedIndex() < resp.GetIndex() {
+		wctx, cancel := context.WithTimeout(ctx, readYourWritesWait)
+		defer cancel()
+		_ = n.fsm.waitApplied(wctx, resp.GetIndex())
+	}
 	return applyResult{index: resp.GetIndex(), service: resp.GetService(), deleted: resp.GetDeleted()}, nil
 }
 
