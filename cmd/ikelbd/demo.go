@@ -329,8 +329,8 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 		}
 		say("%s %s (%s)", mark, c.what, c.detail)
 	}
-	say("\nexplore: ikelbctl --addr %s cluster status | ikelbctl --addr %s affinity list --service vpn | grpcurl -plaintext %s list",
-		nodes[0].d.AdminAddr, nodes[0].d.AdminAddr, nodes[0].d.AdminAddr)
+	a := nodes[0].d.AdminAddr
+	say("\nexplore (with --hold, while the cluster runs):\n  ikelbctl --addr %s cluster status\n  ikelbctl --addr %s affinity list --service vpn\n  grpcurl -plaintext %s list", a, a, a)
 	if o.hold {
 		say("holding; Ctrl-C to stop")
 		<-ctx.Done()
