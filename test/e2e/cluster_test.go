@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -64,6 +65,8 @@ type clusterSpec struct {
 	vip      netip.Addr
 	backends []*topo.Backend
 	mode     string
+	snat     netip.Addr // nat mode's snat_address; invalid: none
+	health   string     // the service's health_check; "": IKEv2 probes every second
 }
 
 // nodeConfig is one node's ikelbd.yaml. The admin API listens on every
@@ -80,6 +83,11 @@ func nodeConfig(n *topo.Node, role string, peers []*topo.Node, cs clusterSpec) s
 	var backs []string
 	for _, b := range cs.backends {
 		backs = append(backs, b.Addr.String())
+	}
+	health := cmp.Or(cs.health, "{type: ikev2, interval: 1s, timeout: 500ms, rise: 1, fall: 3}")
+	snat := ""
+	if cs.snat.IsValid() {
+		snat = "    snat_address: " + cs.snat.String() + "\n"
 	}
 	return fmt.Sprintf(`node: %s
 data_dir: ./data
@@ -100,9 +108,9 @@ services:
     ports: [500, 4500]
     persistence_timeout: 1h
     forwarding_mode: %s
-    health_check: {type: ikev2, interval: 1s, timeout: 500ms, rise: 1, fall: 3}
+%s    health_check: %s
     backends: [%s]
-`, n.Name, n.Edge, role, n.Edge, strings.Join(join, ", "), len(peers), cs.vip, cs.mode, strings.Join(backs, ", "))
+`, n.Name, n.Edge, role, n.Edge, strings.Join(join, ", "), len(peers), cs.vip, cs.mode, snat, health, strings.Join(backs, ", "))
 }
 
 // startNodes starts ikelbd on every node (roles by name; default voter) and
@@ -230,8 +238,10 @@ func startSessions(t *testing.T, lab *netns.Lab, c *topo.Client, vip netip.Addr,
 	return &sessionRun{proc: lab.Start(c.NS, name, IkesimBinary(t), args...), name: name}
 }
 
+// sessionLine is one client's line of an `ikesim sessions` report.
 type sessionLine struct {
 	Client        string   `json:"client"`
+	NATTSource    string   `json:"natt_source"`
 	IKEResponder  string   `json:"ike_responder"`
 	NATTResponder string   `json:"natt_responder"`
 	Servers       []string `json:"servers"`
@@ -252,8 +262,14 @@ func (s *sessionRun) wait(t *testing.T, timeout time.Duration) []sessionLine {
 	case <-time.After(timeout):
 		t.Fatalf("%s did not finish in %v", s.name, timeout)
 	}
+	return parseSessions(s.proc.Log())
+}
+
+// parseSessions reads the JSON lines of an `ikesim sessions` report out of
+// its process log (other lines are skipped).
+func parseSessions(log string) []sessionLine {
 	var lines []sessionLine
-	sc := bufio.NewScanner(strings.NewReader(s.proc.Log()))
+	sc := bufio.NewScanner(strings.NewReader(log))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		var l sessionLine

@@ -1,16 +1,12 @@
 package e2e
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
 	"net/netip"
-	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,42 +21,6 @@ const (
 	fpVIP   = "198.51.100.10"
 	fpAdmin = "127.0.0.1:7450" // inside lb's namespace
 )
-
-var (
-	fpIkesimOnce sync.Once
-	fpIkesim     string
-	fpIkesimErr  error
-)
-
-// fpIkesimBinary builds test/ikesim/cmd/ikesim once (beside ikelbd).
-func fpIkesimBinary(t *testing.T) string {
-	t.Helper()
-	Binaries(t)
-	fpIkesimOnce.Do(func() {
-		fpIkesim = filepath.Join(binDir, "ikesim-fastpath")
-		cmd := exec.Command("go", "build", "-o", fpIkesim, "./test/ikesim/cmd/ikesim")
-		cmd.Dir = repoRoot()
-		if out, err := cmd.CombinedOutput(); err != nil {
-			fpIkesimErr = fmt.Errorf("go build ikesim: %v\n%s", err, out)
-		}
-	})
-	if fpIkesimErr != nil {
-		t.Fatal(fpIkesimErr)
-	}
-	return fpIkesim
-}
-
-type fpSession struct {
-	Client        string  `json:"client"`
-	NATTSource    string  `json:"natt_source"`
-	IKEResponder  string  `json:"ike_responder"`
-	NATTResponder string  `json:"natt_responder"`
-	Kept          bool    `json:"kept"`
-	Checks        int     `json:"checks"`
-	Answered      int     `json:"answered"`
-	MaxGapMS      float64 `json:"max_gap_ms"`
-	Err           string  `json:"err"`
-}
 
 var nftPackets = regexp.MustCompile(`packets (\d+) bytes (\d+)`)
 
@@ -88,7 +48,7 @@ func nftCounter(t *testing.T, ns *netns.NS, args ...string) uint64 {
 // back through userspace to be re-picked.
 func TestFastPathNAT(t *testing.T) {
 	netns.Require(t, "nft", "ss")
-	ikesim := fpIkesimBinary(t)
+	ikesim := IkesimBinary(t)
 	_, ctl := Binaries(t)
 
 	lab := netns.New(t, "fp")
@@ -191,14 +151,7 @@ services:
 	case <-time.After(30 * time.Second):
 		t.Fatal("sessions did not finish")
 	}
-	var lines []fpSession
-	sc := bufio.NewScanner(strings.NewReader(p.Log()))
-	for sc.Scan() {
-		var l fpSession
-		if json.Unmarshal(sc.Bytes(), &l) == nil && l.Client != "" {
-			lines = append(lines, l)
-		}
-	}
+	lines := parseSessions(p.Log())
 	if len(lines) != clients {
 		t.Fatalf("%d session lines, want %d:\n%s", len(lines), clients, p.Log())
 	}
@@ -276,18 +229,13 @@ services:
 	if u4 := userspace(); u4 <= u3 {
 		t.Fatalf("re-picked clients did not go through userspace (deliveries %d → %d)", u3, u4)
 	}
-	sc = bufio.NewScanner(strings.NewReader(p2.Log()))
-	n := 0
-	for sc.Scan() {
-		var l fpSession
-		if json.Unmarshal(sc.Bytes(), &l) == nil && l.Client != "" {
-			n++
-			if l.Err != "" || !l.Kept || l.NATTResponder != "r2" || l.Answered == 0 {
-				t.Errorf("after disabling r1, client %s: %+v", l.Client, l)
-			}
+	after := parseSessions(p2.Log())
+	for _, l := range after {
+		if l.Err != "" || !l.Kept || l.NATTResponder != "r2" || l.Answered == 0 {
+			t.Errorf("after disabling r1, client %s: %+v", l.Client, l)
 		}
 	}
-	if n != clients {
+	if n := len(after); n != clients {
 		t.Fatalf("%d session lines after disable:\n%s", n, p2.Log())
 	}
 	Eventually(t, 10*time.Second, func() bool {

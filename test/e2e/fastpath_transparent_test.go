@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
 	"strconv"
@@ -32,7 +31,7 @@ const fptVIP = "203.0.113.10"
 // conntrack entry of theirs — replies keep reaching them from VIP:4500.
 func TestFastPathTransparent(t *testing.T) {
 	netns.Require(t, "nft")
-	ikesim := fpIkesimBinary(t)
+	ikesim := IkesimBinary(t)
 	_, ctl := Binaries(t)
 
 	lab := netns.New(t, "fpt")
@@ -159,14 +158,7 @@ services:
 	case <-time.After(40 * time.Second):
 		t.Fatal("sessions did not finish")
 	}
-	var lines []fpSession
-	sc := bufio.NewScanner(strings.NewReader(p.Log()))
-	for sc.Scan() {
-		var l fpSession
-		if json.Unmarshal(sc.Bytes(), &l) == nil && l.Client != "" {
-			lines = append(lines, l)
-		}
-	}
+	lines := parseSessions(p.Log())
 	if len(lines) != clients {
 		t.Fatalf("%d session lines, want %d:\n%s", len(lines), clients, p.Log())
 	}

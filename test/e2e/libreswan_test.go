@@ -107,21 +107,7 @@ func testModeWithLibreswan(t *testing.T, ca *swan.CA, mode string) {
 		})
 	}
 	_, ctlBin := Binaries(t)
-	cfg := fmt.Sprintf(`node: lb1
-data_dir: ./data
-admin_address: %s
-metrics_address: ""
-log_level: info
-raft:
-  bind_address: 127.0.0.1:0
-services:
-  - name: vpn
-    vip: %s
-    forwarding_mode: %s
-    persistence_timeout: 1h
-    health_check: {type: none}
-    backends: [{address: %s}]
-`, tpAdmin, tpVIP, mode, lswBackend)
+	cfg := tpConfig(mode, "{address: "+lswBackend+"}")
 	tl := &tpLab{lab: lab, lb: lb, ctlBin: ctlBin}
 	tl.daemon = StartDaemon(t, "ikelbd-"+mode, tpAdmin, cfg, "ip", "netns", "exec", lb.Name())
 	tl.waitServing(t, mode)

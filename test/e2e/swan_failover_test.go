@@ -35,44 +35,17 @@ const (
 	sfKillAfter = 2500 * time.Millisecond // into the pings
 )
 
-// sfConfig is one node's ikelbd.yaml: the same cluster block on every node
-// (join list naming every node, bootstrap_expect 3), one service.
-func sfConfig(n *topo.Node, role string, peers []*topo.Node, v *topo.VRRP, mode string) string {
-	var join, backs []string
-	for _, p := range peers {
-		join = append(join, p.Edge.String()+":7946")
-	}
-	for _, b := range v.Backends {
-		backs = append(backs, "{address: "+b.Addr.String()+"}")
-	}
-	snat := ""
+// sfSpec is the service of the failover test. Health checks are off: IKE_SA_INIT
+// probes would leave half-open SAs on the responders and spoil the check that
+// no new SA appears. In nat mode the SNAT address is the floating gateway: it
+// moves with the VIP, so the backends see one peer address whichever node
+// forwards.
+func sfSpec(v *topo.VRRP, mode string) clusterSpec {
+	cs := clusterSpec{vip: v.VIP, backends: v.Backends, mode: mode, health: "{type: none}"}
 	if mode == "nat" {
-		// The floating gateway: it moves with the VIP, so the backends see
-		// one peer address whichever node forwards.
-		snat = "    snat_address: " + v.Gateway.String() + "\n"
+		cs.snat = v.Gateway
 	}
-	return fmt.Sprintf(`node: %s
-data_dir: ./data
-admin_address: 0.0.0.0:7450
-metrics_address: 127.0.0.1:7451
-log_level: info
-raft:
-  bind_address: %s:7452
-cluster:
-  role: %s
-  gossip_address: %s:7946
-  join: [%s]
-  bootstrap_expect: %d
-  dead_server_timeout: 60s
-services:
-  - name: vpn
-    vip: %s
-    ports: [500, 4500]
-    persistence_timeout: 1h
-    forwarding_mode: %s
-%s    health_check: {type: none}
-    backends: [%s]
-`, n.Name, n.Edge, role, n.Edge, strings.Join(join, ", "), len(peers), v.VIP, mode, snat, strings.Join(backs, ", "))
+	return cs
 }
 
 // sfClient is one strongSwan initiator and what the test learned of it.
@@ -283,7 +256,7 @@ func testStrongSwanFailover(t *testing.T, ca *swan.CA, mode string) {
 			role = "witness"
 		}
 		nodes[n.Name] = &lbNode{t: t, topo: n, role: role,
-			d: StartDaemon(t, fmt.Sprintf("%s-%s", n.Name, mode), nodeAdmin, sfConfig(n, role, v.Nodes(), v, mode), n.Exec()...)}
+			d: StartDaemon(t, fmt.Sprintf("%s-%s", n.Name, mode), nodeAdmin, nodeConfig(n, role, v.Nodes(), sfSpec(v, mode)), n.Exec()...)}
 	}
 	for _, n := range nodes {
 		n.waitReady(60 * time.Second)

@@ -31,6 +31,26 @@ const (
 	tpAdmin     = "127.0.0.1:7450" // inside lb's own namespace: no other process can hold it
 )
 
+// tpConfig is the ikelbd.yaml of the single balancer node in lb: one
+// service on the VIP in mode, no health checks, the given backends.
+func tpConfig(mode string, backends ...string) string {
+	return fmt.Sprintf(`node: lb1
+data_dir: ./data
+admin_address: %s
+metrics_address: ""
+log_level: info
+raft:
+  bind_address: 127.0.0.1:0
+services:
+  - name: vpn
+    vip: %s
+    forwarding_mode: %s
+    persistence_timeout: 1h
+    health_check: {type: none}
+    backends: [%s]
+`, tpAdmin, tpVIP, mode, strings.Join(backends, ", "))
+}
+
 type tpClient struct {
 	ns     *netns.NS
 	public string // the address the balancer sees
@@ -98,21 +118,7 @@ func buildTPLab(t *testing.T, ca *swan.CA, mode string) *tpLab {
 	}
 
 	_, tl.ctlBin = Binaries(t)
-	cfg := fmt.Sprintf(`node: lb1
-data_dir: ./data
-admin_address: %s
-metrics_address: ""
-log_level: info
-raft:
-  bind_address: 127.0.0.1:0
-services:
-  - name: vpn
-    vip: %s
-    forwarding_mode: %s
-    persistence_timeout: 1h
-    health_check: {type: none}
-    backends: [%s]
-`, tpAdmin, tpVIP, mode, strings.Join(backends, ", "))
+	cfg := tpConfig(mode, backends...)
 	tl.daemon = StartDaemon(t, "ikelbd-"+mode, tpAdmin, cfg, "ip", "netns", "exec", lb.Name())
 	return tl
 }
