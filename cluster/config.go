@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/raft"
 	"github.com/ikelb/ikelb/cluster/membership"
 	"github.com/ikelb/ikelb/dataplane"
+	"github.com/ikelb/ikelb/persist"
 	"google.golang.org/grpc"
 )
 
@@ -276,6 +277,6 @@ func (c Config) raftConfig() *raft.Config {
 	rc.SnapshotInterval = c.Raft.SnapshotInterval
 	rc.SnapshotThreshold = c.Raft.SnapshotThreshold
 	rc.TrailingLogs = c.Raft.TrailingLogs
-	rc.Logger = newHCLog(c.Logger, "raft")
+	rc.Logger = persist.NewHCLog(c.Logger, "raft")
 	return rc
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/raft"
 	"github.com/ikelb/ikelb/cluster/membership"
 	"github.com/ikelb/ikelb/dataplane"
+	"github.com/ikelb/ikelb/persist"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -135,7 +136,7 @@ func (n *Node) Start(dp Dataplane) (err error) {
 	}
 	tr := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream:  stream,
-		Logger:  newHCLog(n.log, "raft-net"),
+		Logger:  persist.NewHCLog(n.log, "raft-net"),
 		MaxPool: 3,
 		Timeout: 10 * time.Second,
 	})
@@ -143,7 +144,7 @@ func (n *Node) Start(dp Dataplane) (err error) {
 	closers = append(closers, tr.Close)
 
 	rc := n.cfg.raftConfig()
-	rc.Logger = newHCLog(n.log, "raft")
+	rc.Logger = persist.NewHCLog(n.log, "raft")
 	hasState, err := raft.HasExistingState(n.stores.Log, n.stores.Stable, n.stores.Snapshots)
 	if err != nil {
 		return fmt.Errorf("check raft state: %w", err)

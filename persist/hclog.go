@@ -2,29 +2,41 @@ package persist
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
+	"strings"
 
 	"github.com/hashicorp/go-hclog"
 )
 
-// slogHCLog bridges hclog.Logger, which raft's FileSnapshotStore requires,
-// onto an injected slog.Logger. Levels map one to one (trace → debug);
-// hclog's SetLevel is ignored: the slog handler decides.
-type slogHCLog struct {
-	l    *slog.Logger
-	name string
-	args []any
+// NewHCLog bridges an hclog.Logger — what hashicorp/raft, raft-wal and the
+// snapshot store log to — into slog, named name. Keys are rewritten to
+// snake_case ("last-leader-addr" → "last_leader_addr"); the name goes in a
+// "component" attribute; Trace is logged at slog's Debug-4. The cluster
+// package uses it for raft's own logs too.
+func NewHCLog(l *slog.Logger, name string) hclog.Logger {
+	return &hclogAdapter{base: l, log: l.With("component", name), name: name}
 }
 
-func newHCLog(l *slog.Logger, name string) hclog.Logger {
-	return &slogHCLog{l: l, name: name}
+// hclogAdapter bridges raft's hclog.Logger into slog. Keys are rewritten to
+// snake_case ("last-leader-addr" → "last_leader_addr"); the hclog name goes
+// in a "component" attribute. Trace is logged at slog's Debug-4.
+type hclogAdapter struct {
+	base    *slog.Logger // with the implied args, without the name
+	log     *slog.Logger // base with the component name
+	name    string
+	implied []any
 }
 
-func slogLevel(lv hclog.Level) slog.Level {
-	switch lv {
-	case hclog.Trace, hclog.Debug:
+const levelTrace = slog.LevelDebug - 4
+
+func slogLevel(l hclog.Level) slog.Level {
+	switch l {
+	case hclog.Trace:
+		return levelTrace
+	case hclog.Debug:
 		return slog.LevelDebug
 	case hclog.Warn:
 		return slog.LevelWarn
@@ -34,54 +46,91 @@ func slogLevel(lv hclog.Level) slog.Level {
 	return slog.LevelInfo
 }
 
-func (h *slogHCLog) Log(lv hclog.Level, msg string, args ...any) {
-	if lv == hclog.Off || lv == hclog.NoLevel && msg == "" {
+func snakeArgs(args []any) []any {
+	out := make([]any, 0, len(args))
+	for i := 0; i < len(args); i++ {
+		if i+1 >= len(args) {
+			out = append(out, "extra", args[i])
+			break
+		}
+		k, ok := args[i].(string)
+		if !ok {
+			k = fmt.Sprint(args[i])
+		}
+		v := args[i+1]
+		i++
+		if s, ok := v.(fmt.Stringer); ok {
+			v = s.String()
+		} else if err, ok := v.(error); ok {
+			v = err.Error()
+		}
+		out = append(out, strings.NewReplacer("-", "_", " ", "_").Replace(k), v)
+	}
+	return out
+}
+
+func (h *hclogAdapter) Log(level hclog.Level, msg string, args ...any) {
+	lv := slogLevel(level)
+	if !h.log.Enabled(context.Background(), lv) {
 		return
 	}
-	h.l.Log(context.Background(), slogLevel(lv), msg, args...)
+	h.log.Log(context.Background(), lv, msg, snakeArgs(args)...)
 }
-func (h *slogHCLog) Trace(msg string, args ...any) { h.Log(hclog.Trace, msg, args...) }
-func (h *slogHCLog) Debug(msg string, args ...any) { h.Log(hclog.Debug, msg, args...) }
-func (h *slogHCLog) Info(msg string, args ...any)  { h.Log(hclog.Info, msg, args...) }
-func (h *slogHCLog) Warn(msg string, args ...any)  { h.Log(hclog.Warn, msg, args...) }
-func (h *slogHCLog) Error(msg string, args ...any) { h.Log(hclog.Error, msg, args...) }
 
-func (h *slogHCLog) enabled(lv slog.Level) bool { return h.l.Enabled(context.Background(), lv) }
-func (h *slogHCLog) IsTrace() bool              { return h.enabled(slog.LevelDebug) }
-func (h *slogHCLog) IsDebug() bool              { return h.enabled(slog.LevelDebug) }
-func (h *slogHCLog) IsInfo() bool               { return h.enabled(slog.LevelInfo) }
-func (h *slogHCLog) IsWarn() bool               { return h.enabled(slog.LevelWarn) }
-func (h *slogHCLog) IsError() bool              { return h.enabled(slog.LevelError) }
+func (h *hclogAdapter) Trace(msg string, args ...any) { h.Log(hclog.Trace, msg, args...) }
+func (h *hclogAdapter) Debug(msg string, args ...any) { h.Log(hclog.Debug, msg, args...) }
+func (h *hclogAdapter) Info(msg string, args ...any)  { h.Log(hclog.Info, msg, args...) }
+func (h *hclogAdapter) Warn(msg string, args ...any)  { h.Log(hclog.Warn, msg, args...) }
+func (h *hclogAdapter) Error(msg string, args ...any) { h.Log(hclog.Error, msg, args...) }
 
-func (h *slogHCLog) ImpliedArgs() []any { return h.args }
-func (h *slogHCLog) With(args ...any) hclog.Logger {
-	return &slogHCLog{l: h.l.With(args...), name: h.name, args: append(h.args[:len(h.args):len(h.args)], args...)}
+func (h *hclogAdapter) enabled(l slog.Level) bool { return h.log.Enabled(context.Background(), l) }
+func (h *hclogAdapter) IsTrace() bool             { return h.enabled(levelTrace) }
+func (h *hclogAdapter) IsDebug() bool             { return h.enabled(slog.LevelDebug) }
+func (h *hclogAdapter) IsInfo() bool              { return h.enabled(slog.LevelInfo) }
+func (h *hclogAdapter) IsWarn() bool              { return h.enabled(slog.LevelWarn) }
+func (h *hclogAdapter) IsError() bool             { return h.enabled(slog.LevelError) }
+func (h *hclogAdapter) ImpliedArgs() []any        { return h.implied }
+func (h *hclogAdapter) Name() string              { return h.name }
+
+func (h *hclogAdapter) With(args ...any) hclog.Logger {
+	base := h.base.With(snakeArgs(args)...)
+	return &hclogAdapter{base: base, log: base.With("component", h.name), name: h.name, implied: append(h.implied[:len(h.implied):len(h.implied)], args...)}
 }
-func (h *slogHCLog) Name() string { return h.name }
-func (h *slogHCLog) Named(name string) hclog.Logger {
+
+func (h *hclogAdapter) Named(name string) hclog.Logger {
 	if h.name != "" {
 		name = h.name + "." + name
 	}
-	return &slogHCLog{l: h.l, name: name, args: h.args}
+	return h.ResetNamed(name)
 }
-func (h *slogHCLog) ResetNamed(name string) hclog.Logger {
-	return &slogHCLog{l: h.l, name: name, args: h.args}
+
+func (h *hclogAdapter) ResetNamed(name string) hclog.Logger {
+	return &hclogAdapter{base: h.base, log: h.base.With("component", name), name: name, implied: h.implied}
 }
-func (h *slogHCLog) SetLevel(hclog.Level) {}
-func (h *slogHCLog) GetLevel() hclog.Level {
-	switch {
-	case h.IsDebug():
-		return hclog.Debug
-	case h.IsInfo():
-		return hclog.Info
-	case h.IsWarn():
-		return hclog.Warn
+
+// SetLevel is ignored: the level is the slog handler's.
+func (h *hclogAdapter) SetLevel(hclog.Level) {}
+
+func (h *hclogAdapter) GetLevel() hclog.Level {
+	for _, l := range []hclog.Level{hclog.Trace, hclog.Debug, hclog.Info, hclog.Warn, hclog.Error} {
+		if h.enabled(slogLevel(l)) {
+			return l
+		}
 	}
-	return hclog.Error
+	return hclog.Off
 }
-func (h *slogHCLog) StandardLogger(opts *hclog.StandardLoggerOptions) *log.Logger {
-	return slog.NewLogLogger(h.l.Handler(), slog.LevelInfo)
+
+func (h *hclogAdapter) StandardLogger(opts *hclog.StandardLoggerOptions) *log.Logger {
+	return log.New(h.StandardWriter(opts), "", 0)
 }
-func (h *slogHCLog) StandardWriter(opts *hclog.StandardLoggerOptions) io.Writer {
-	return h.StandardLogger(opts).Writer()
+
+func (h *hclogAdapter) StandardWriter(*hclog.StandardLoggerOptions) io.Writer {
+	return writerFunc(func(p []byte) (int, error) {
+		h.Info(strings.TrimRight(string(p), "\n"))
+		return len(p), nil
+	})
 }
+
+type writerFunc func([]byte) (int, error)
+
+func (w writerFunc) Write(p []byte) (int, error) { return w(p) }

@@ -118,7 +118,7 @@ func Open(dir string, opts Options) (_ *Stores, err error) {
 	meta := &metadb.BoltMetaDB{}
 	wal, err := raftwal.Open(walDir,
 		raftwal.WithMetaStore(meta),
-		raftwal.WithLogger(newHCLog(opts.Logger.With("component", "raft_wal"), "wal")))
+		raftwal.WithLogger(NewHCLog(opts.Logger, "raft_wal")))
 	if err != nil {
 		meta.Close()
 		return nil, fmt.Errorf("open %s: %w", walDir, err)
@@ -130,7 +130,7 @@ func Open(dir string, opts Options) (_ *Stores, err error) {
 		return nil, fmt.Errorf("log cache: %w", err)
 	}
 	snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, opts.SnapshotRetain,
-		newHCLog(opts.Logger.With("component", "snapshot_store"), "snapshot"))
+		NewHCLog(opts.Logger, "snapshot_store"))
 	if err != nil {
 		wal.Close()
 		meta.Close()
