@@ -354,7 +354,7 @@ func RunScaleForwarding(ctx context.Context, env *Env, cfg ScaleForwardingConfig
 			}
 			err = scaleRate(ctx, env, cfg, dst, base, clients, &r)
 			if k, ok := t.(*Ikelb); ok && err == nil {
-				r.Note = ikelbNote(k)
+				r.Note = joinNotes(ikelbMetrics(env), ikelbNote(k))
 			}
 			if serr := t.Stop(env); serr != nil && err == nil {
 				err = serr
@@ -371,6 +371,35 @@ func RunScaleForwarding(ctx context.Context, env *Env, cfg ScaleForwardingConfig
 		}
 	}
 	return out, nil
+}
+
+// ikelbMetrics is the part of the balancer's metrics that says where the
+// load went: committed affinities, datagrams forwarded (kernel and
+// userspace), drops and dropped proposals.
+func ikelbMetrics(env *Env) string {
+	out, err := env.Balancer.Run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:7451/metrics")
+	if err != nil {
+		return "metrics: " + oneLine(out, 200)
+	}
+	var keep []string
+	for _, l := range strings.Split(out, "\n") {
+		for _, m := range []string{"ikelb_affinity_entries ", "ikelb_service_packets_total", "ikelb_service_drops_total", "ikelb_proposals_dropped_total", "ikelb_fastpath"} {
+			if strings.HasPrefix(l, m) && !strings.HasSuffix(l, " 0") {
+				keep = append(keep, l)
+			}
+		}
+	}
+	return strings.Join(keep, "; ")
+}
+
+func joinNotes(notes ...string) string {
+	var keep []string
+	for _, n := range notes {
+		if n != "" {
+			keep = append(keep, n)
+		}
+	}
+	return strings.Join(keep, " | ")
 }
 
 // ikelbNote is the end of the ikelbd log lines that mention drops or flow

@@ -137,6 +137,12 @@ func TestScale(t *testing.T) {
 		if *repeats > 0 {
 			fc.Repeats = *repeats
 		}
+		if *targets != "" {
+			want := strings.Split(*targets, ",")
+			fc.Targets = slices.DeleteFunc(fc.Targets, func(t Target) bool {
+				return !slices.Contains(want, strings.ReplaceAll(t.Name(), " ", "-")) && !slices.Contains(want, strings.Fields(t.Name())[0])
+			})
+		}
 		var err error
 		rep.Forwarding, err = RunScaleForwarding(ctx, env, fc)
 		if err != nil {

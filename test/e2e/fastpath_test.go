@@ -96,7 +96,7 @@ services:
   - name: vpn
     vip: %s
     forwarding_mode: nat
-    persistence_timeout: 1h
+    persistence_timeout: 16s # touches every 4 s
     health_check: {type: none}
     backends: [{address: 10.0.0.11}, {address: 10.0.0.12}]
 `, fpAdmin, fpVIP)
@@ -123,14 +123,14 @@ services:
 	kernel := func() uint64 { return nftCounter(t, lb, "counter", "ip", "ikelb_fast", "fwd_1") }
 	kernelReplies := func() uint64 { return nftCounter(t, lb, "counter", "ip", "ikelb_fast", "rep_1") }
 
-	// 20 clients, each with its own address, for 4 s (a datagram every
+	// 20 clients, each with its own address, for 8 s (a datagram every
 	// 100 ms each after connecting).
 	const clients = 20
 	for i := 1; i <= clients; i++ {
 		c.MustRun("ip", "addr", "add", fmt.Sprintf("198.51.100.%d/24", 100+i), "dev", "eth0")
 	}
 	p := lab.Start(c, "sessions", ikesim, "sessions", "--vip", fpVIP, "--clients", strconv.Itoa(clients),
-		"--source-base", "198.51.100.100", "--interval", "100ms", "--duration", "4s")
+		"--source-base", "198.51.100.100", "--interval", "100ms", "--duration", "8s")
 	// Once every client is in the map, userspace sees nothing more of them.
 	Eventually(t, 10*time.Second, func() bool {
 		out, _ := lb.Run("nft", "list", "map", "ip", "ikelb_fast", "aff_1")
@@ -145,6 +145,36 @@ services:
 		t.Fatalf("userspace deliveries rose from %d to %d while every client was in the map (kernel %d → %d)", u1, u2, k1, k2)
 	}
 	t.Logf("all %d clients in the map: userspace deliveries stayed at %d while the kernel forwarded %d → %d", clients, u1, k1, k2)
+
+	// Clients only the kernel forwards are touched (from their map
+	// elements' counters): their last-seen moves past this point while
+	// userspace sees none of their packets.
+	kernelOnly := time.Now()
+	Eventually(t, 8*time.Second, func() bool {
+		out, err := ctlRun("-o", "json", "affinity", "list", "--service", "vpn", "--all")
+		last = out
+		if err != nil {
+			return false
+		}
+		var resp struct {
+			Affinities []struct {
+				Client   string    `json:"client"`
+				LastSeen time.Time `json:"last_seen"`
+			} `json:"affinities"`
+		}
+		if json.Unmarshal([]byte(out), &resp) != nil || len(resp.Affinities) != clients {
+			return false
+		}
+		for _, a := range resp.Affinities {
+			if !a.LastSeen.After(kernelOnly) {
+				return false
+			}
+		}
+		return true
+	}, func() string { return "kernel-forwarded clients not touched: " + last })
+	if u := userspace(); u != u1 {
+		t.Fatalf("userspace deliveries rose from %d to %d while every client was in the map", u1, u)
+	}
 
 	select {
 	case <-p.Done():

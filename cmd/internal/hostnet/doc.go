@@ -35,18 +35,19 @@
 // "ip6 ikelb_fast" (apart from Manager's, which Apply replaces wholesale),
 // and keeps per nat service
 //
-//	map aff_ID { client → backend }   exactly the committed affinities whose backend is Usable
-//	raw prerouting:  ip daddr VIP udp dport @ports_ID ip saddr != @aff_ID notrack
+//	map aff_ID { client → backend }   exactly the committed affinities whose backend is Usable; a counter per element
+//	raw prerouting:  ip daddr VIP udp dport @ports_ID ip saddr @aff_ID counter fwd_ID accept
+//	raw prerouting:  ip daddr VIP udp dport @ports_ID notrack
 //	raw output:      ip saddr VIP udp sport @ports_ID notrack
 //	nat prerouting:  ip daddr VIP udp dport @ports_ID dnat to ip saddr map @aff_ID
 //	nat postrouting: ct status dnat ct original ip daddr VIP ct original proto-dst @ports_ID masquerade (or snat to SNAT)
-//	forward:         the same ct match: counter fwd_ID / rep_ID, add @seen_ID { ip saddr }
+//	forward:         ct direction reply, the same ct match: counter rep_ID
 //
 // and per transparent service (stateless: no conntrack, so any node
 // carries any packet; the same map maintenance):
 //
 //	set bk_ID { every backend of the VIP's family, whatever its state }
-//	raw prerouting:  ip daddr VIP udp dport @ports_ID ip saddr @aff_ID notrack counter fwd_ID add @seen_ID { ip saddr } ip daddr set ip saddr map @aff_ID
+//	raw prerouting:  ip daddr VIP udp dport @ports_ID ip saddr @aff_ID notrack counter fwd_ID ip daddr set ip saddr map @aff_ID
 //	raw prerouting:  ip saddr @bk_ID udp sport @ports_ID fib daddr type != local notrack
 //	forward:         ip saddr @bk_ID udp sport @ports_ID ct state untracked counter rep_ID ip saddr set VIP
 //
@@ -61,7 +62,9 @@
 // BatchMax); a client whose backend leaves the map (removed, re-bound, no
 // longer Usable) also loses its conntrack entries to the VIP, so its next
 // packet goes to userspace (or the new backend); clients the kernel
-// forwards are touched (Proposer) every min(Timeout/4, 30 s); Close
+// forwards are touched (Proposer) every min(Timeout/4, 30 s), read from
+// their elements' counters (the lookup bumps them: no per-packet set
+// update); Close
 // removes both tables. Why the rules look like this: dataplane/DESIGN.md
 // "Kernel fast path".
 //

@@ -193,9 +193,9 @@ type fastKernel interface {
 	forget(ops []mapOp) error
 	// counters reads every service's counters.
 	counters(svcs map[uint32]*fastService) (map[uint32]FastCounters, error)
-	// seen returns and removes the clients the kernel forwarded for s
-	// since the last call.
-	seen(s *fastService) ([]netip.Addr, error)
+	// activity returns, per client in s's map, the packets the kernel
+	// has matched to its element since the element was added.
+	activity(s *fastService) (map[netip.Addr]uint64, error)
 	// remove deletes the table.
 	remove() error
 	// forwards reports whether the kernel forwards the family (the fast
@@ -395,14 +395,17 @@ type fastState struct {
 	mirror    map[dataplane.ClientKey]netip.Addr // what the maps hold
 	dirty     map[dataplane.ClientKey]struct{}   // changed since the last flush
 	lastTouch map[uint32]int64                   // per service, Unix ns
-	keys      []dataplane.ClientKey              // Take's buffer
+	// packets per map element at the last activity read: a client
+	// whose count moved was forwarded since.
+	packets map[dataplane.ClientKey]uint64
+	keys    []dataplane.ClientKey // Take's buffer
 }
 
 func (f *FastPath) run(ctx context.Context) {
 	defer close(f.done)
 	st := &fastState{
 		mirror: map[dataplane.ClientKey]netip.Addr{}, dirty: map[dataplane.ClientKey]struct{}{},
-		lastTouch: map[uint32]int64{},
+		lastTouch: map[uint32]int64{}, packets: map[dataplane.ClientKey]uint64{},
 	}
 	poll := time.NewTicker(f.cfg.Poll)
 	defer poll.Stop()
@@ -562,6 +565,7 @@ func (f *FastPath) applyServices(st *fastState, set []dataplane.Service) {
 	}
 	old := st.svcs
 	st.svcs = next
+	maps.DeleteFunc(st.packets, func(k dataplane.ClientKey, _ uint64) bool { return next[k.Service] == nil })
 	if !same || !st.installed {
 		f.rebuild(st, old)
 		return
@@ -682,16 +686,35 @@ func (f *FastPath) poll(st *fastState) {
 			continue
 		}
 		st.lastTouch[id] = now
-		clients, err := f.kernel.seen(s)
+		counts, err := f.kernel.activity(s)
 		if err != nil {
 			f.log.Warn("fast path: reading active clients failed", "error", err, "service_id", id)
 			continue
 		}
-		for _, c := range clients {
-			k := dataplane.ClientKey{Service: id, Client: dataplane.AddrFrom(c)}
-			if _, ok := st.mirror[k]; ok {
-				f.cfg.Proposer.Propose(dataplane.Proposal{Kind: dataplane.ProposeTouch, Key: k, At: now})
+		f.touch(st, id, counts, now)
+	}
+}
+
+// touch proposes a touch for every client of service id in the map whose
+// element counted packets since the last read (a count below the last one:
+// the element was replaced, and counted since), and keeps the counts.
+func (f *FastPath) touch(st *fastState, id uint32, counts map[netip.Addr]uint64, now int64) {
+	for k := range st.packets {
+		if k.Service == id {
+			if _, ok := counts[k.Client.Netip()]; !ok {
+				delete(st.packets, k)
 			}
+		}
+	}
+	for c, n := range counts {
+		k := dataplane.ClientKey{Service: id, Client: dataplane.AddrFrom(c)}
+		last, known := st.packets[k]
+		st.packets[k] = n
+		if n == 0 || (known && n == last) {
+			continue
+		}
+		if _, ok := st.mirror[k]; ok {
+			f.cfg.Proposer.Propose(dataplane.Proposal{Kind: dataplane.ProposeTouch, Key: k, At: now})
 		}
 	}
 }

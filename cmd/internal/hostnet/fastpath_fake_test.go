@@ -64,7 +64,7 @@ func (k *fakeKernel) counters(map[uint32]*fastService) (map[uint32]FastCounters,
 	return map[uint32]FastCounters{}, nil
 }
 
-func (k *fakeKernel) seen(*fastService) ([]netip.Addr, error) { return nil, nil }
+func (k *fakeKernel) activity(*fastService) (map[netip.Addr]uint64, error) { return nil, nil }
 
 func (k *fakeKernel) remove() error {
 	k.mu.Lock()

@@ -18,10 +18,6 @@ import (
 	"github.com/ikelb/ikelb/dataplane"
 )
 
-// seenSetSize bounds a service's active-client set; a client beyond it is
-// still forwarded, but not touched until the set is emptied (next poll).
-const seenSetSize = 1 << 20
-
 // nftFast is the fast path's nftables and conntrack side.
 type nftFast struct {
 	name string
@@ -65,20 +61,15 @@ func portsSet(t *nftables.Table, s *fastService) *nftables.Set {
 	return &nftables.Set{Table: t, Name: "ports_" + strconv.FormatUint(uint64(s.id), 10), KeyType: nftables.TypeInetService}
 }
 
+// affMap is the service's client → backend map. Every element carries a
+// counter that the kernel bumps on each lookup that finds it: the
+// clients' activity (for touches) without a per-packet set update.
 func affMap(t *nftables.Table, s *fastService) *nftables.Set {
 	typ := nftables.TypeIPAddr
 	if s.v6() {
 		typ = nftables.TypeIP6Addr
 	}
-	return &nftables.Set{Table: t, Name: "aff_" + strconv.FormatUint(uint64(s.id), 10), IsMap: true, KeyType: typ, DataType: typ}
-}
-
-func seenSet(t *nftables.Table, s *fastService) *nftables.Set {
-	typ := nftables.TypeIPAddr
-	if s.v6() {
-		typ = nftables.TypeIP6Addr
-	}
-	return &nftables.Set{Table: t, Name: "seen_" + strconv.FormatUint(uint64(s.id), 10), KeyType: typ, Dynamic: true, Size: seenSetSize}
+	return &nftables.Set{Table: t, Name: "aff_" + strconv.FormatUint(uint64(s.id), 10), IsMap: true, KeyType: typ, DataType: typ, Counter: true}
 }
 
 func fwdCounter(s *fastService) string { return "fwd_" + strconv.FormatUint(uint64(s.id), 10) }
@@ -134,7 +125,7 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 
 	for _, id := range ids {
 		s := svcs[id]
-		ports, aff, seen := portsSet(t, s), affMap(t, s), seenSet(t, s)
+		ports, aff := portsSet(t, s), affMap(t, s)
 		var pe []nftables.SetElement
 		for _, p := range s.ports {
 			pe = append(pe, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
@@ -145,24 +136,27 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 		if err := c.AddSet(aff, byService[id]); err != nil {
 			return wrap("nft map "+aff.Name, err)
 		}
-		if err := c.AddSet(seen, nil); err != nil {
-			return wrap("nft set "+seen.Name, err)
-		}
 		c.AddObj(&nftables.CounterObj{Table: t, Name: fwdCounter(s)})
 		c.AddObj(&nftables.CounterObj{Table: t, Name: repCounter(s)})
 		if s.transparent {
-			if err := k.transparentRules(c, t, s, ports, aff, seen, rawPre, fwd); err != nil {
+			if err := k.transparentRules(c, t, s, ports, aff, rawPre, fwd); err != nil {
 				return err
 			}
 			continue
 		}
 
-		// A client not in the map: untracked, to the userspace listener
-		// (and the listener's replies untracked too), so that the first
-		// packet after its binding enters the map creates the conntrack
-		// entry that the DNAT rule decides.
-		c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(
-			toVIP(s, ports), saddr(s), []expr.Any{&expr.Lookup{SourceRegister: 1, SetName: aff.Name, SetID: aff.ID, Invert: true}, &expr.Notrack{}})})
+		// A client in the map: counted (the service's counter and, by the
+		// lookup, its element's) and on to conntrack and the DNAT rule.
+		// Any other client: untracked, to the userspace listener (and the
+		// listener's replies untracked too), so that the first packet
+		// after its binding enters the map creates the conntrack entry
+		// that the DNAT rule decides.
+		c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(toVIP(s, ports), saddr(s), []expr.Any{
+			&expr.Lookup{SourceRegister: 1, SetName: aff.Name, SetID: aff.ID},
+			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: fwdCounter(s)},
+			&expr.Verdict{Kind: expr.VerdictAccept},
+		})})
+		c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(toVIP(s, ports), []expr.Any{&expr.Notrack{}})})
 		c.AddRule(&nftables.Rule{Table: t, Chain: rawOut, Exprs: concat(fromVIP(s, ports), []expr.Any{&expr.Notrack{}})})
 		// dnat ip to ip saddr map @aff
 		c.AddRule(&nftables.Rule{Table: t, Chain: natPre, Exprs: concat(toVIP(s, ports), saddr(s), []expr.Any{
@@ -180,13 +174,9 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 			}
 		}
 		c.AddRule(&nftables.Rule{Table: t, Chain: natPost, Exprs: concat(ctOurs(s, ports), snat)})
-		// Counters, and the clients seen (for touches).
-		c.AddRule(&nftables.Rule{Table: t, Chain: fwd, Exprs: concat(ctOurs(s, ports), ctDirection(0), []expr.Any{
-			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: fwdCounter(s)},
-		}, saddr(s), []expr.Any{
-			&expr.Dynset{SrcRegKey: 1, SetName: seen.Name, SetID: seen.ID, Operation: unix.NFT_DYNSET_OP_ADD},
-		})})
-		c.AddRule(&nftables.Rule{Table: t, Chain: fwd, Exprs: concat(ctOurs(s, ports), ctDirection(1), []expr.Any{
+		// Replies the kernel forwards, counted. The direction first: a
+		// request (most of the load) leaves the rule at once.
+		c.AddRule(&nftables.Rule{Table: t, Chain: fwd, Exprs: concat(ctDirection(1), ctOurs(s, ports), []expr.Any{
 			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: repCounter(s)},
 		})})
 	}
@@ -400,30 +390,23 @@ func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounter
 	return out, nil
 }
 
-func (k *nftFast) seen(s *fastService) ([]netip.Addr, error) {
+func (k *nftFast) activity(s *fastService) (map[netip.Addr]uint64, error) {
 	c, err := nftables.New()
 	if err != nil {
 		return nil, wrap("nftables", err)
 	}
-	set := seenSet(k.table(s.v6()), s)
+	set := affMap(k.table(s.v6()), s)
 	elems, err := c.GetSetElements(set)
 	if err != nil {
-		return nil, wrap("nft set "+set.Name, err)
+		return nil, wrap("nft map "+set.Name, err)
 	}
-	if len(elems) == 0 {
-		return nil, nil
-	}
-	out := make([]netip.Addr, 0, len(elems))
+	out := make(map[netip.Addr]uint64, len(elems))
 	for _, e := range elems {
-		if a, ok := netip.AddrFromSlice(e.Key); ok {
-			out = append(out, a)
+		a, ok := netip.AddrFromSlice(e.Key)
+		if !ok || e.Counter == nil {
+			continue
 		}
-	}
-	if err := c.SetDeleteElements(set, elems); err != nil {
-		return nil, wrap("nft set "+set.Name, err)
-	}
-	if err := c.Flush(); err != nil {
-		return nil, wrap("nft set "+set.Name, err)
+		out[a] = e.Counter.Packets
 	}
 	return out, nil
 }
@@ -463,7 +446,7 @@ func replySet(t *nftables.Table, s *fastService) *nftables.Set {
 // transparentRules are a transparent service's stateless rules (IPv4
 // only: fastEligible):
 //
-//	raw prerouting: ip daddr VIP udp dport @ports ip saddr @aff notrack counter fwd add @seen { ip saddr } ip daddr set ip saddr map @aff
+//	raw prerouting: ip daddr VIP udp dport @ports ip saddr @aff notrack counter fwd ip daddr set ip saddr map @aff
 //	raw prerouting: ip saddr @bk udp sport @ports fib daddr type != local notrack
 //	forward:        ip saddr @bk udp sport @ports ct state untracked counter rep ip saddr set VIP
 //
@@ -475,7 +458,7 @@ func replySet(t *nftables.Table, s *fastService) *nftables.Set {
 // "ct state untracked" also makes the kernel load conntrack's defrag
 // hook for the table, so fragmented datagrams are reassembled before the
 // raw rules (a non-first fragment has no UDP header to match).
-func (k *nftFast) transparentRules(c *nftables.Conn, t *nftables.Table, s *fastService, ports, aff, seen *nftables.Set, rawPre, fwd *nftables.Chain) error {
+func (k *nftFast) transparentRules(c *nftables.Conn, t *nftables.Table, s *fastService, ports, aff *nftables.Set, rawPre, fwd *nftables.Chain) error {
 	bk := replySet(t, s)
 	var be []nftables.SetElement
 	for _, a := range s.replyFrom {
@@ -504,7 +487,6 @@ func (k *nftFast) transparentRules(c *nftables.Conn, t *nftables.Table, s *fastS
 		&expr.Lookup{SourceRegister: 1, SetName: aff.Name, SetID: aff.ID},
 		&expr.Notrack{},
 		&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: fwdCounter(s)},
-		&expr.Dynset{SrcRegKey: 1, SetName: seen.Name, SetID: seen.ID, Operation: unix.NFT_DYNSET_OP_ADD},
 		&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: aff.Name, SetID: aff.ID},
 		rewrite(dst),
 	})})

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -82,6 +83,9 @@ func (p *touches) Propose(pr dataplane.Proposal) bool {
 	return true
 }
 
+// elemCounter is an element's counter in nft's listing.
+var elemCounter = regexp.MustCompile(` counter packets \d+ bytes \d+`)
+
 // nftMap returns the map's elements as "client : backend" strings, and
 // ["absent"] when there is no such map.
 func nftMap(name string) []string {
@@ -89,7 +93,7 @@ func nftMap(name string) []string {
 	if err != nil {
 		return []string{"absent"}
 	}
-	flat := space.ReplaceAllString(string(out), " ")
+	flat := elemCounter.ReplaceAllString(space.ReplaceAllString(string(out), " "), "")
 	i := strings.Index(flat, "elements = {")
 	if i < 0 {
 		return nil
@@ -191,20 +195,18 @@ func TestFastPathChild(t *testing.T) {
 	t.Logf("installed:\n%s", out)
 	mustContain(t, "nft table", string(out),
 		"set ports_7 { type inet_service elements = { 500, 4500 } }",
-		"map aff_7 { type ipv4_addr : ipv4_addr",
-		"set seen_7 { type ipv4_addr size 1048576 flags dynamic }",
+		"map aff_7 { type ipv4_addr : ipv4_addr counter elements = {",
 		"counter fwd_7 {", "counter rep_7 {",
-		"chain raw_prerouting { type filter hook prerouting priority raw; policy accept; ip daddr 10.0.100.1 udp dport @ports_7 ip saddr != @aff_7 notrack",
+		"chain raw_prerouting { type filter hook prerouting priority raw; policy accept; ip daddr 10.0.100.1 udp dport @ports_7 ip saddr @aff_7 counter name \"fwd_7\" accept ip daddr 10.0.100.1 udp dport @ports_7 notrack",
 		"chain raw_output { type filter hook output priority raw; policy accept; ip saddr 10.0.100.1 udp sport @ports_7 notrack }",
 		"chain nat_prerouting { type nat hook prerouting priority dstnat; policy accept; ip daddr 10.0.100.1 udp dport @ports_7 dnat to ip saddr map @aff_7 }",
 		"chain nat_postrouting { type nat hook postrouting priority srcnat; policy accept; meta l4proto udp ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 masquerade }",
-		"ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 ct direction original counter name \"fwd_7\" add @seen_7 { ip saddr }",
-		"ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 ct direction reply counter name \"rep_7\"",
+		"chain forward { type filter hook forward priority filter; policy accept; ct direction reply meta l4proto udp ct status dnat ct original ip daddr 10.0.100.1 ct original proto-dst @ports_7 counter name \"rep_7\"",
 	)
 	// The transparent service: stateless rules, no DNAT/SNAT.
 	mustContain(t, "nft table", string(out),
 		"set bk_8 { type ipv4_addr elements = { 10.0.0.21, 10.0.0.22 } }",
-		"ip daddr 10.0.100.2 udp dport @ports_8 ip saddr @aff_8 notrack counter name \"fwd_8\" add @seen_8 { ip saddr } ip daddr set ip saddr map @aff_8",
+		"ip daddr 10.0.100.2 udp dport @ports_8 ip saddr @aff_8 notrack counter name \"fwd_8\" ip daddr set ip saddr map @aff_8",
 		"ip saddr @bk_8 udp sport @ports_8 fib daddr type != local notrack",
 		"ip saddr @bk_8 udp sport @ports_8 ct state untracked counter name \"rep_8\" ip saddr set 10.0.100.2",
 	)
@@ -247,37 +249,58 @@ func TestFastPathChild(t *testing.T) {
 	tb.Put(key("10.1.0.8"), dataplane.Entry{Backend: 1})
 	waitMap(t, "aff_7", "10.1.0.7 : 10.0.0.12", "10.1.0.8 : 10.0.0.11")
 
-	// Touches: the clients the kernel forwarded, if still in the map.
-	nftAdd := exec.Command("nft", "add", "element", "ip", DefaultFastNFTTable, "seen_7", "{ 10.1.0.7, 10.1.0.99 }")
-	if out, err := nftAdd.CombinedOutput(); err != nil {
-		t.Fatalf("%v %s", err, out)
+	// Touches: the clients whose element counted packets since the last
+	// read, if in the committed map. The elements' counters are set as
+	// the kernel's lookups would bump them (10.1.0.99 is no affinity).
+	setCount := func(client, backend string, packets int) {
+		t.Helper()
+		nft := exec.Command("nft", "-f", "-")
+		nft.Stdin = strings.NewReader(fmt.Sprintf("delete element ip %[1]s aff_7 { %[2]s }\nadd element ip %[1]s aff_7 { %[2]s counter packets %[4]d bytes %[5]d : %[3]s }\n",
+			DefaultFastNFTTable, client, backend, packets, packets*100))
+		if out, err := nft.CombinedOutput(); err != nil {
+			t.Fatalf("%v %s", err, out)
+		}
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	touched := func(c string) int {
 		prop.mu.Lock()
-		n7, n99 := prop.keys[key("10.1.0.7")], prop.keys[key("10.1.0.99")]
-		prop.mu.Unlock()
-		if n7 > 0 {
-			if n99 != 0 {
-				t.Fatal("touched a client not in the map")
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("no touch proposed for a client in the seen set")
-		}
-		time.Sleep(10 * time.Millisecond)
+		defer prop.mu.Unlock()
+		return prop.keys[key(c)]
 	}
-	out, _ = exec.Command("nft", "list", "set", "ip", DefaultFastNFTTable, "seen_7").CombinedOutput()
-	if strings.Contains(string(out), "10.1.0.7") {
-		t.Fatalf("seen set not emptied:\n%s", out)
+	waitTouches := func(c string, n int) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for touched(c) < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d touches of %s, want %d", touched(c), c, n)
+			}
+			time.Sleep(10 * time.Millisecond) // polling the fast path's poll, with a deadline
+		}
+	}
+	if err := exec.Command("nft", "add", "element", "ip", DefaultFastNFTTable, "aff_7", "{ 10.1.0.99 : 10.0.0.12 }").Run(); err != nil {
+		t.Fatal(err)
+	}
+	setCount("10.1.0.7", "10.0.0.12", 3)
+	setCount("10.1.0.99", "10.0.0.12", 3)
+	waitTouches("10.1.0.7", 1)
+	before8 := touched("10.1.0.8")     // never counted: never touched
+	time.Sleep(100 * time.Millisecond) // five polls: the same count is no activity
+	if n := touched("10.1.0.7"); n != 1 {
+		t.Fatalf("%d touches of 10.1.0.7 for one count, want 1", n)
+	}
+	setCount("10.1.0.7", "10.0.0.12", 5)
+	waitTouches("10.1.0.7", 2)
+	if touched("10.1.0.99") != 0 || touched("10.1.0.8") != 0 || before8 != 0 {
+		t.Fatalf("touched a client that sent nothing or has no affinity: %v", prop.keys)
+	}
+	if err := exec.Command("nft", "delete", "element", "ip", DefaultFastNFTTable, "aff_7", "{ 10.1.0.99 }").Run(); err != nil {
+		t.Fatal(err)
 	}
 
 	// No nat service left: the table goes; then Close.
 	if cov := fp.transparent(fp.setServices(nil), 5*time.Second); len(cov) != 0 {
 		t.Fatalf("transparent services covered %v with no service", cov)
 	}
-	deadline = time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(5 * time.Second)
 	for exec.Command("nft", "list", "table", "ip", DefaultFastNFTTable).Run() == nil {
 		if time.Now().After(deadline) {
 			t.Fatal("table left with no nat service")
