@@ -67,3 +67,15 @@ func (n *Node) Counters() []ServiceCounters {
 	}
 	return out
 }
+
+// flowCounter is a Dataplane that counts its open client flows
+// (*dataplane.Engine does).
+type flowCounter interface{ Flows() int }
+
+func (n *Node) flowCounter() (flowCounter, bool) {
+	if !n.running() || n.dp == nil {
+		return nil, false
+	}
+	f, ok := n.dp.(flowCounter)
+	return f, ok
+}

@@ -49,6 +49,7 @@ var (
 	descRaftApplied = desc("raft_applied_index", "Raft index applied to the FSM.")
 	descDegraded    = desc("degraded", "1 when the node knows no leader with quorum.")
 	descServices    = desc("services", "Committed services.")
+	descFlows       = desc("flows", "Client flows open in this node's userspace path (nat: one upstream socket each).")
 	descDropped     = desc("proposals_dropped_total", "Proposals dropped, by reason.", "reason")
 	descProposed    = desc("proposals_total", "Proposals handed to raft on this node, as the leader.")
 	descHeld        = desc("proposals_held", "Proposals held while no leader is reachable (degraded), sent once one is.")
@@ -65,7 +66,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		descSvcPackets, descSvcBytes, descSvcReplyPackets, descSvcReplyBytes, descSvcDrops, descSvcActive,
 		descBePackets, descBeBytes, descBeReplyPackets, descBeReplyBytes, descBeDrops, descBeActive, descBeHealthy,
 		descAffinities, descRaftState, descRaftTerm, descRaftLast, descRaftCommit, descRaftApplied, descDegraded,
-		descServices, descDropped, descHeld, descRequeued, descProposed, descForwarded, descReceived, descBatches, descFailed,
+		descServices, descFlows, descDropped, descHeld, descRequeued, descProposed, descForwarded, descReceived, descBatches, descFailed,
 	} {
 		ch <- d
 	}
@@ -113,6 +114,9 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	st := n.Status()
 	gauge(descAffinities, float64(st.Affinities))
 	gauge(descServices, float64(st.Services))
+	if f, ok := n.flowCounter(); ok {
+		gauge(descFlows, float64(f.Flows()))
+	}
 	for _, s := range []raft.RaftState{raft.Follower, raft.Candidate, raft.Leader, raft.Shutdown} {
 		v := 0.0
 		if s.String() == st.RaftState {

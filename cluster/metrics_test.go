@@ -12,7 +12,7 @@ func TestCollector(t *testing.T) {
 	eng := &fakeEngine{counters: []dataplane.ServiceCounters{{
 		ID: 1, Name: "vpn", Packets: 10, DropsByReason: map[string]uint64{"no_backend": 2},
 		Backends: []dataplane.BackendCounters{{ID: 1, Addr: netip.MustParseAddr("10.1.0.1"), Packets: 10}},
-	}}}
+	}}, flows: 7}
 	n, _ := adminNode(t, eng)
 	mustCreate(t, n, apiService("vpn", "10.0.0.1", "10.1.0.1", "10.1.0.2"))
 	proposeBinds(t, n, 3)
@@ -38,6 +38,7 @@ func TestCollector(t *testing.T) {
 		"ikelb_backend_active_clients,backend=10.1.0.1,service=vpn": 3,
 		"ikelb_backend_up,backend=10.1.0.2,service=vpn":             1,
 		"ikelb_affinity_entries":                                    3,
+		"ikelb_flows":                                               7,
 		"ikelb_raft_state,state=Leader":                             1,
 		"ikelb_degraded":                                            0,
 		"ikelb_proposals_total":                                     3,

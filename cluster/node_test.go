@@ -36,6 +36,13 @@ type fakeEngine struct {
 	mu       sync.Mutex
 	sets     [][]dataplane.Service
 	counters []dataplane.ServiceCounters
+	flows    int
+}
+
+func (e *fakeEngine) Flows() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.flows
 }
 
 func (e *fakeEngine) SetServices(s []dataplane.Service) error {

@@ -17,6 +17,8 @@ const (
 	// MaxFlowTimeout caps the default flow idle timeout, which otherwise is
 	// the service's persistence timeout (often hours).
 	MaxFlowTimeout = 5 * time.Minute
+	// DefaultHandoverIdle: see Config.HandoverIdle.
+	DefaultHandoverIdle = 10 * time.Second
 	// MaxTouchInterval caps how often a client flow refreshes its affinity.
 	MaxTouchInterval = 30 * time.Second
 	// bindRetry is how long a flow waits before proposing an uncommitted
@@ -43,6 +45,12 @@ type Config struct {
 	// FlowTimeout closes a NAT flow idle this long. Zero: the service's
 	// persistence timeout, capped at MaxFlowTimeout.
 	FlowTimeout time.Duration
+	// HandoverIdle closes, sooner than FlowTimeout, a flow idle this long
+	// whose client the kernel forwards now (Engine.SetKernelPath): its
+	// packets no longer reach the listener, and its upstream socket would
+	// otherwise be held for the whole flow timeout. Long enough for the
+	// backend's answers to requests that went through the flow.
+	HandoverIdle time.Duration
 	// SweepInterval is how often idle flows are looked for.
 	SweepInterval time.Duration
 	// MaxFlows bounds the NAT flows (upstream sockets) of the engine; a new
@@ -100,6 +108,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.ClockTick == 0 {
 		c.ClockTick = DefaultClockTick
+	}
+	if c.HandoverIdle == 0 {
+		c.HandoverIdle = DefaultHandoverIdle
 	}
 	if c.SweepInterval == 0 {
 		c.SweepInterval = DefaultSweepInterval

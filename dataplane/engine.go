@@ -30,6 +30,7 @@ type Engine struct {
 
 	now       atomic.Int64 // coarse clock, Unix ns, updated every ClockTick
 	flowCount atomic.Int64 // open flows, all listeners
+	kernel    swappable[KernelPath]
 
 	// Transparent mode's reply path: backend:port → listener, rebuilt by
 	// SetServices; replies matching no route are counted.
@@ -309,3 +310,16 @@ func (e *Engine) Counters() []ServiceCounters {
 // Flows returns the number of open client flows: NAT flows (each with an
 // upstream socket) and transparent flows (pacing state only).
 func (e *Engine) Flows() int { return int(e.flowCount.Load()) }
+
+// KernelPath is a kernel fast path that forwards some clients without the
+// engine (cmd/internal/hostnet's FastPath). Forwards is called from the
+// listeners' goroutines (once per idle flow and sweep, never per packet)
+// and must not block.
+type KernelPath interface {
+	// Forwards reports whether the kernel forwards k's datagrams now.
+	Forwards(k ClientKey) bool
+}
+
+// SetKernelPath tells the engine which clients the kernel forwards, so
+// that their flows close after Config.HandoverIdle (nil: none).
+func (e *Engine) SetKernelPath(kp KernelPath) { e.kernel.Store(kp) }

@@ -138,6 +138,7 @@ func newHarness(t *testing.T, vip string, backendAddrs ...string) *engineHarness
 		BatchSize:     8,
 		ClockTick:     5 * time.Millisecond,
 		SweepInterval: 20 * time.Millisecond,
+		HandoverIdle:  50 * time.Millisecond,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -431,6 +432,42 @@ func TestEngineFlowExpiry(t *testing.T) {
 	}
 	waitFor(t, "idle flow to close", func() bool { return h.e.Flows() == 0 })
 	h.send(c, 0, []byte{2}) // a new flow
+}
+
+// kernelClients is a KernelPath forwarding a fixed set of clients.
+type kernelClients struct {
+	mu   sync.Mutex
+	keys map[ClientKey]bool
+}
+
+func (k *kernelClients) Forwards(c ClientKey) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.keys[c]
+}
+
+// A flow whose client the kernel took over closes after HandoverIdle, long
+// before the flow timeout; the others stay.
+func TestEngineHandoverClosesFlows(t *testing.T) {
+	h := newHarness(t, "127.0.0.1", "127.0.0.2")
+	kernel, userspace := h.client("127.0.0.10"), h.client("127.0.0.11")
+	kp := &kernelClients{keys: map[ClientKey]bool{{Service: h.svc.ID, Client: AddrFrom(netip.MustParseAddr("127.0.0.10"))}: true}}
+	h.e.SetKernelPath(kp)
+	h.send(kernel, 0, []byte{1})
+	h.send(userspace, 0, []byte{1})
+	if n := h.e.Flows(); n != 2 {
+		t.Fatalf("%d flows, want 2", n)
+	}
+	waitFor(t, "the kernel client's flow to close", func() bool { return h.e.Flows() == 1 })
+	time.Sleep(200 * time.Millisecond) // several sweeps past HandoverIdle: the userspace client's flow (1 h timeout) stays
+	if n := h.e.Flows(); n != 1 {
+		t.Fatalf("%d flows after the handover, want 1 (the userspace client's)", n)
+	}
+	h.e.SetKernelPath(nil)
+	h.send(kernel, 0, []byte{2}) // back through userspace: a new flow
+	if n := h.e.Flows(); n != 2 {
+		t.Fatalf("%d flows, want 2", n)
+	}
 }
 
 func TestEngineListenError(t *testing.T) {

@@ -229,10 +229,18 @@ func (l *listener) sweep(now int64) {
 	if sv == nil {
 		return
 	}
+	handover := int64(l.engine.cfg.HandoverIdle)
+	kp, kernel := l.engine.kernel.Load()
 	for fk, f := range l.flows {
-		if now-f.lastActive.Load() > sv.flowIdle || f.dead.Load() {
-			l.closeFlow(fk, f)
+		idle := now - f.lastActive.Load()
+		switch {
+		case idle > sv.flowIdle || f.dead.Load():
+		case idle > handover && kernel && kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}):
+			// The kernel took the client over.
+		default:
+			continue
 		}
+		l.closeFlow(fk, f)
 	}
 }
 

@@ -23,7 +23,7 @@ import (
 type Table struct {
 	buckets  atomic.Pointer[bucketArray]
 	count    atomic.Int64 // written by the writer only
-	observer atomic.Pointer[observerBox]
+	observer swappable[TableObserver]
 }
 
 // TableObserver is told, on the writer's goroutine, which bindings changed:
@@ -41,21 +41,13 @@ type TableObserver interface {
 	Reset()
 }
 
-type observerBox struct{ o TableObserver }
-
 // SetObserver installs o (nil removes it). It may be called from any
 // goroutine; writes after it returns are reported to o.
-func (t *Table) SetObserver(o TableObserver) {
-	if o == nil {
-		t.observer.Store(nil)
-		return
-	}
-	t.observer.Store(&observerBox{o})
-}
+func (t *Table) SetObserver(o TableObserver) { t.observer.Store(o) }
 
 func (t *Table) changed(k ClientKey) {
-	if b := t.observer.Load(); b != nil {
-		b.o.Changed(k)
+	if o, ok := t.observer.Load(); ok {
+		o.Changed(k)
 	}
 }
 
@@ -187,8 +179,8 @@ func (t *Table) Delete(k ClientKey) bool {
 func (t *Table) Reset() {
 	t.buckets.Store(newBucketArray(minBuckets))
 	t.count.Store(0)
-	if b := t.observer.Load(); b != nil {
-		b.o.Reset()
+	if o, ok := t.observer.Load(); ok {
+		o.Reset()
 	}
 }
 

@@ -29,10 +29,12 @@ const fastApplyWait = 2 * time.Second
 func Wrap(e *dataplane.Engine, m *Manager) *Dataplane { return &Dataplane{Engine: e, m: m} }
 
 // WrapFast is Wrap with the kernel fast path fp (nil: none) also following
-// the committed services, its counts added to Counters.
+// the committed services, its counts added to Counters, and the engine
+// told which clients it forwards (their flows close early).
 func WrapFast(e *dataplane.Engine, m *Manager, fp *FastPath) *Dataplane {
 	d := &Dataplane{Engine: e, m: m, fp: fp}
 	if fp != nil {
+		e.SetKernelPath(fp)
 		fp.mu.Lock()
 		fp.notify = d.reapply
 		fp.mu.Unlock()

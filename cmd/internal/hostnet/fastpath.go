@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ikelb/ikelb/dataplane"
@@ -221,6 +222,9 @@ type FastPath struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	wake   chan struct{} // capacity 1: a new service set is pending
+	// live is the service set whose rules are installed (nil: none), for
+	// Forwards; the goroutine replaces it, never changes it.
+	live atomic.Pointer[map[uint32]*fastService]
 
 	mu      sync.Mutex // guards the following
 	pending []dataplane.Service
@@ -322,6 +326,12 @@ func (f *FastPath) transparent(gen uint64, timeout time.Duration) map[uint32]boo
 // publish records which transparent services st has installed, for the
 // set of generation gen (0: keep the generation).
 func (f *FastPath) publish(st *fastState, gen uint64) {
+	if st.installed {
+		svcs := st.svcs
+		f.live.Store(&svcs)
+	} else {
+		f.live.Store(nil)
+	}
 	covered := map[uint32]bool{}
 	if st.installed {
 		for id, s := range st.svcs {
@@ -375,6 +385,7 @@ func (f *FastPath) Close() error {
 	}
 	f.closed = true
 	f.mu.Unlock()
+	f.live.Store(nil)
 	f.table.SetObserver(nil)
 	f.cancel()
 	<-f.done
@@ -459,9 +470,25 @@ func (f *FastPath) take(st *fastState) bool {
 	return len(st.dirty) > 0
 }
 
+// Forwards reports whether the kernel forwards k: its service's rules
+// are installed and its committed binding belongs in the map (the map
+// itself follows within BatchDelay). It implements dataplane.KernelPath.
+func (f *FastPath) Forwards(k dataplane.ClientKey) bool {
+	svcs := f.live.Load()
+	if svcs == nil {
+		return false
+	}
+	_, ok := f.mapEntry(*svcs, k)
+	return ok
+}
+
 // want is k's map entry as the committed state says.
 func (f *FastPath) want(st *fastState, k dataplane.ClientKey) (netip.Addr, bool) {
-	s := st.svcs[k.Service]
+	return f.mapEntry(st.svcs, k)
+}
+
+func (f *FastPath) mapEntry(svcs map[uint32]*fastService, k dataplane.ClientKey) (netip.Addr, bool) {
+	s := svcs[k.Service]
 	if s == nil {
 		return netip.Addr{}, false
 	}

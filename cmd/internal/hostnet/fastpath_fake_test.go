@@ -164,3 +164,51 @@ func TestFastPathCloseWaitsForNotify(t *testing.T) {
 		t.Fatal("Close returned before notify finished")
 	}
 }
+
+// TestFastPathForwards: the engine asks Forwards which clients the kernel
+// took over (to close their flows early). Only a client of an installed
+// service whose committed backend is usable, and nothing once the rules
+// are gone.
+func TestFastPathForwards(t *testing.T) {
+	a := netip.MustParseAddr
+	tb := dataplane.NewTable()
+	key := func(svc uint32, c string) dataplane.ClientKey {
+		return dataplane.ClientKey{Service: svc, Client: dataplane.AddrFrom(a(c))}
+	}
+	tb.Put(key(7, "10.1.0.1"), dataplane.Entry{Backend: 1})
+	tb.Put(key(7, "10.1.0.2"), dataplane.Entry{Backend: 2}) // disabled backend
+	tb.Put(key(9, "10.1.0.1"), dataplane.Entry{Backend: 1}) // no such service
+	k := newFakeKernel()
+	fp := startFastPath(FastPathConfig{Logger: slogDiscard, Table: tb, Poll: time.Hour}, k)
+	defer fp.Close()
+	if fp.Forwards(key(7, "10.1.0.1")) {
+		t.Fatal("forwards before any rules are installed")
+	}
+	fp.transparent(fp.setServices([]dataplane.Service{{ID: 7, Mode: dataplane.ModeNAT, VIP: a("10.0.100.1"), Ports: []uint16{4500},
+		Backends: []dataplane.Backend{
+			{ID: 1, Addr: a("10.0.0.11"), Weight: 1, State: dataplane.StateActive},
+			{ID: 2, Addr: a("10.0.0.12"), Weight: 1, State: dataplane.StateDisabled},
+		}}}), 5*time.Second)
+	for c, want := range map[dataplane.ClientKey]bool{
+		key(7, "10.1.0.1"): true, key(7, "10.1.0.2"): false, key(7, "10.1.0.3"): false, key(9, "10.1.0.1"): false,
+	} {
+		if got := fp.Forwards(c); got != want {
+			t.Errorf("Forwards(%v) = %v, want %v", c, got, want)
+		}
+	}
+	fp.transparent(fp.setServices(nil), 5*time.Second)
+	if fp.Forwards(key(7, "10.1.0.1")) {
+		t.Fatal("forwards with no service installed")
+	}
+	fp.transparent(fp.setServices([]dataplane.Service{{ID: 7, Mode: dataplane.ModeNAT, VIP: a("10.0.100.1"), Ports: []uint16{4500},
+		Backends: []dataplane.Backend{{ID: 1, Addr: a("10.0.0.11"), Weight: 1, State: dataplane.StateActive}}}}), 5*time.Second)
+	if !fp.Forwards(key(7, "10.1.0.1")) {
+		t.Fatal("does not forward after the service came back")
+	}
+	if err := fp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if fp.Forwards(key(7, "10.1.0.1")) {
+		t.Fatal("forwards after Close")
+	}
+}
