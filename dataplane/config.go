@@ -125,3 +125,16 @@ func (c *Config) setDefaults() {
 		c.sockets = kernelSockets{bufBytes: c.SocketBuffer, reusePort: c.ReusePort}
 	}
 }
+
+// flowRoom is how many NAT flows (one upstream socket each) fit under an
+// open-file limit of nofile while leaving a tenth of it, at least 1,024,
+// to the rest of the process: listeners, Raft, gossip, the admin API and
+// metrics. Past the limit every accept and dial of the daemon fails, not
+// only new flows.
+func flowRoom(nofile uint64) int {
+	reserve := max(1024, nofile/10)
+	if nofile <= reserve+64 {
+		return 64
+	}
+	return int(min(nofile-reserve, 1<<30))
+}

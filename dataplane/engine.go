@@ -52,6 +52,11 @@ func New(cfg Config) (*Engine, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if nofile, ok := openFileLimit(); ok && cfg.MaxFlows > flowRoom(nofile) {
+		cfg.Logger.Warn("NAT flows capped below the open-file limit; raise it (systemd LimitNOFILE=) for more concurrent userspace flows",
+			"max_flows", flowRoom(nofile), "configured", cfg.MaxFlows, "open_file_limit", nofile)
+		cfg.MaxFlows = flowRoom(nofile)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	e := &Engine{
 		cfg:      cfg,

@@ -519,3 +519,35 @@ func TestSetServicesValidation(t *testing.T) {
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+func TestFlowRoom(t *testing.T) {
+	for _, c := range []struct {
+		nofile uint64
+		want   int
+	}{
+		{1024, 64}, {2048, 1024}, {20000, 18000}, {1 << 20, 943719},
+	} {
+		if got := flowRoom(c.nofile); got != c.want {
+			t.Errorf("flowRoom(%d) = %d, want %d", c.nofile, got, c.want)
+		}
+	}
+}
+
+// The engine never plans more flows than the open-file limit leaves room
+// for: past it the daemon's admin API, metrics and Raft could not accept
+// or dial either.
+func TestEngineMaxFlowsUnderFileLimit(t *testing.T) {
+	nofile, ok := openFileLimit()
+	if !ok {
+		t.Skip("no RLIMIT_NOFILE here")
+	}
+	e, err := New(Config{Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)), Table: NewTable(),
+		Proposer: &recordingProposer{}, MaxFlows: 1 << 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if e.cfg.MaxFlows != flowRoom(nofile) {
+		t.Fatalf("MaxFlows %d with an open-file limit of %d, want %d", e.cfg.MaxFlows, nofile, flowRoom(nofile))
+	}
+}
