@@ -2,14 +2,17 @@ package main
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/codes"
 
 	ikelbv1 "github.com/ikelb/ikelb/proto/ikelb/v1"
 )
 
 func newCheckCmd(a *app) *cobra.Command {
 	var allowDegraded bool
+	var w watchOptions
 	ready := &cobra.Command{
 		Use:   "ready",
 		Short: "Exit 0 if this node can serve traffic, else 1 with the reason (for keepalived)",
@@ -26,9 +29,25 @@ a degraded node (it forwards by its last committed table).
 
   vrrp_script ikelb {
     script "/usr/bin/ikelbctl check ready"
-    interval 2
+    interval 1
     fall 2
     rise 2
+  }
+
+With --track-file PATH it keeps running instead: it checks every --interval
+and writes 0 (ready) or 1 (not ready) to PATH whenever that changes, for a
+keepalived track_file with weight 0, which keepalived re-reads at once
+(inotify). A killed ikelbd is then noticed within one interval instead of
+the track script's interval × fall. A refused connection or a not-ready
+answer counts at once; a request that times out only after --fall in a row;
+ready again after --rise in a row. On exit (SIGTERM) it writes 1: the file
+vouches for the node only while a watcher runs. Keep the track script as
+well: it notices a watcher that died.
+
+  track_file ikelb_ready_file {
+    file /run/ikelb/ready
+    weight 0
+    init_file 1 overwrite
   }`,
 		Args: exactArgs(),
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -39,14 +58,20 @@ a degraded node (it forwards by its last committed table).
 			if err != nil {
 				return err
 			}
-			st, err := call(a, cmd, c.GetNodeStatus, &ikelbv1.GetNodeStatusRequest{})
-			if err != nil {
-				if code, msg, ok := rpcError(err); ok {
-					return &notReadyError{reason: fmt.Sprintf("%s: %s", code, msg)}
+			check := func() (reason string, timedOut bool) {
+				st, err := call(a, cmd, c.GetNodeStatus, &ikelbv1.GetNodeStatusRequest{})
+				if err != nil {
+					if code, msg, ok := rpcError(err); ok {
+						return fmt.Sprintf("%s: %s", code, msg), code == codes.DeadlineExceeded
+					}
+					return err.Error(), false
 				}
-				return &notReadyError{reason: err.Error()}
+				return notReady(st, allowDegraded), false
 			}
-			if reason := notReady(st, allowDegraded); reason != "" {
+			if w.file != "" {
+				return w.run(cmd.Context(), a, check)
+			}
+			if reason, _ := check(); reason != "" {
 				return &notReadyError{reason: reason}
 			}
 			fmt.Fprintln(a.stdout, "ready")
@@ -54,6 +79,10 @@ a degraded node (it forwards by its last committed table).
 		},
 	}
 	ready.Flags().BoolVar(&allowDegraded, "allow-degraded", false, "a node without Raft quorum is still ready")
+	ready.Flags().StringVar(&w.file, "track-file", "", "keep checking and write 0 (ready) / 1 (not) to this file for keepalived's track_file")
+	ready.Flags().DurationVar(&w.interval, "interval", 200*time.Millisecond, "with --track-file: time between checks")
+	ready.Flags().IntVar(&w.fall, "fall", 3, "with --track-file: timed-out checks in a row before not ready")
+	ready.Flags().IntVar(&w.rise, "rise", 2, "with --track-file: ready checks in a row before ready again")
 	return group("check", "Health checks for scripts", ready)
 }
 

@@ -42,6 +42,7 @@ type fakeServer struct {
 	lastExpect  uint64   // expected_version of the last UpdateService
 	beforeWrite func()   // called (without mu) before UpdateService applies
 	blockStatus bool     // GetNodeStatus waits for the deadline
+	stop        func()   // set by serve: stops the server (as a killed ikelbd)
 }
 
 func newFake() *fakeServer {
@@ -55,6 +56,12 @@ func (f *fakeServer) serve(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	f.serveOn(t, lis)
+	return lis.Addr().String()
+}
+
+// serveOn starts f on lis.
+func (f *fakeServer) serveOn(t *testing.T, lis net.Listener) {
 	s := grpc.NewServer()
 	ikelbv1.RegisterAdminServiceServer(s, f)
 	done := make(chan struct{})
@@ -62,11 +69,11 @@ func (f *fakeServer) serve(t *testing.T) string {
 		defer close(done)
 		s.Serve(lis)
 	}()
-	t.Cleanup(func() {
+	f.stop = func() {
 		s.Stop()
 		<-done
-	})
-	return lis.Addr().String()
+	}
+	t.Cleanup(f.stop)
 }
 
 func (f *fakeServer) called(m string) {

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -684,4 +686,108 @@ func TestCompactDuration(t *testing.T) {
 			t.Errorf("compactDuration(%v) = %q, want %q", d, got, want)
 		}
 	}
+}
+
+// check ready --track-file keeps the file at 0 while the node is ready and
+// 1 otherwise: not ready at start until --rise checks pass, at once on a
+// not-ready answer or a dead server, and on exit.
+func TestCheckReadyTrackFile(t *testing.T) {
+	f := newFake()
+	f.node = &ikelbv1.GetNodeStatusResponse{Name: "lb1", RaftState: "Follower", Leader: "lb2", Services: 1, Role: "voter"}
+	addr := f.serve(t)
+	file := filepath.Join(t.TempDir(), "ready")
+	ctx, cancel := context.WithCancel(t.Context())
+	var out, errb bytes.Buffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"--addr", addr, "check", "ready", "--track-file", file, "--interval", "20ms"},
+			strings.NewReader(""), &out, &errb, func(string) string { return "" })
+	}()
+	waitValue := func(want string) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			b, _ := os.ReadFile(file)
+			if string(b) == want+"\n" {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s holds %q, want %q", file, b, want)
+			}
+			time.Sleep(5 * time.Millisecond) // polling the file the watcher writes, with a deadline
+		}
+	}
+	waitValue("0")
+	f.mu.Lock()
+	f.node.Degraded, f.node.Leader = true, ""
+	f.mu.Unlock()
+	waitValue("1")
+	f.mu.Lock()
+	f.node.Degraded, f.node.Leader = false, "lb2"
+	f.mu.Unlock()
+	waitValue("0")
+	killed := time.Now()
+	f.stop() // ikelbd killed
+	waitValue("1")
+	if el := time.Since(killed); el > time.Second {
+		t.Errorf("a dead server noticed after %v (interval 20ms)", el)
+	}
+	cancel()
+	select {
+	case code := <-done:
+		if code != exitOK {
+			t.Errorf("exit %d: %s", code, errb.String())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the watcher did not stop with its context")
+	}
+	waitValue("1")
+	for _, want := range []string{"not ready: starting", " ready\n", "not ready: degraded: no raft quorum", "not ready: Unavailable: "} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+	if r := ctl(t, addr, "check", "ready", "--track-file", file, "--rise", "0"); r.code != exitUsage {
+		t.Errorf("--rise 0: %v", r)
+	}
+}
+
+// A watcher started while ikelbd is down sees it come up within about a
+// second (gRPC's reconnect backoff would otherwise grow to minutes).
+func TestCheckReadyTrackFileSeesLateServer(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	lis.Close()
+	file := filepath.Join(t.TempDir(), "ready")
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	var out, errb bytes.Buffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"--addr", addr, "check", "ready", "--track-file", file, "--interval", "20ms"},
+			strings.NewReader(""), &out, &errb, func(string) string { return "" })
+	}()
+	time.Sleep(6 * time.Second) // down long enough for the default backoff (1 s × 1.6ⁿ) to pass 4 s
+	f := newFake()
+	f.node = &ikelbv1.GetNodeStatusResponse{Name: "lb1", RaftState: "Leader", Leader: "lb1", Services: 1, Role: "voter"}
+	lis, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("port %s taken meanwhile: %v", addr, err)
+	}
+	up := time.Now()
+	f.serveOn(t, lis)
+	for {
+		if b, _ := os.ReadFile(file); string(b) == "0\n" {
+			break
+		}
+		if time.Since(up) > 2*time.Second {
+			t.Fatalf("not ready %v after the server came up:\n%s", time.Since(up), out.String())
+		}
+		time.Sleep(10 * time.Millisecond) // polling the file the watcher writes, with a deadline
+	}
+	cancel()
+	<-done
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
@@ -181,7 +182,12 @@ func (a *app) checkGlobals(cmd *cobra.Command, _ []string) error {
 // request's Unavailable error.
 func (a *app) client() (ikelbv1.AdminServiceClient, error) {
 	if a.conn == nil {
-		conn, err := grpc.NewClient(a.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		// Reconnect backoff capped at 1 s (gRPC's default grows to 120 s):
+		// `check ready --track-file` must see a restarted ikelbd soon.
+		bo := backoff.DefaultConfig
+		bo.MaxDelay = time.Second
+		conn, err := grpc.NewClient(a.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: time.Second}))
 		if err != nil {
 			return nil, usagef("--addr %q: %v", a.addr, err)
 		}
