@@ -89,6 +89,10 @@ type FwdScaleResult struct {
 	// VsFewer is RxPPS relative to the same target with the fewest clients.
 	VsFewer float64 `json:"vs_fewest_clients,omitempty"`
 	Reason  string  `json:"reason,omitempty"`
+	// ikelb: how long the passes that bound every client took, and how
+	// many there were (see bindAll).
+	BindSeconds float64 `json:"bind_s,omitempty"`
+	BindPasses  int     `json:"bind_passes,omitempty"`
 	// Affinities and flows the balancer reported after the run (ikelb).
 	Note string `json:"note,omitempty"`
 }
@@ -308,6 +312,10 @@ type ScaleForwardingConfig struct {
 	Warmup   time.Duration
 	Duration time.Duration
 	Repeats  int
+	// BindRate is the datagrams/s of the passes that bind every client
+	// before an ikelb target is measured (at most MaxBindPasses).
+	BindRate      float64
+	MaxBindPasses int
 }
 
 // DefaultScaleForwarding: 1,000 vs 100,000 clients through routing and
@@ -317,6 +325,7 @@ func DefaultScaleForwarding(buildIkelbd func() (string, error)) ScaleForwardingC
 		Targets: []Target{Routing{}, &Ikelb{Mode: "nat", Binary: buildIkelbd}, &Ikelb{Mode: "transparent", Binary: buildIkelbd}},
 		Clients: []int{1000, 100000}, Size: 64, Batch: 4, Senders: 6,
 		Warmup: 4 * time.Second, Duration: 2 * time.Second, Repeats: 3,
+		BindRate: 20000, MaxBindPasses: 8,
 	}
 }
 
@@ -352,7 +361,7 @@ func RunScaleForwarding(ctx context.Context, env *Env, cfg ScaleForwardingConfig
 				out = append(out, r)
 				continue
 			}
-			err = scaleRate(ctx, env, cfg, dst, base, clients, &r)
+			err = scaleRate(ctx, env, cfg, t, dst, base, clients, &r)
 			if k, ok := t.(*Ikelb); ok && err == nil {
 				r.Note = joinNotes(ikelbMetrics(env), ikelbNote(k))
 			}
@@ -373,6 +382,57 @@ func RunScaleForwarding(ctx context.Context, env *Env, cfg ScaleForwardingConfig
 	return out, nil
 }
 
+// bindAll sends one datagram per client, in passes at cfg.BindRate,
+// until the balancer's table holds every client (a new client's first
+// datagram goes through the userspace path, which admits fewer clients
+// per second than the kernel forwards established ones: an open-loop
+// blast from 100,000 new clients at once mostly overflows the listener's
+// socket, and the rate measured afterwards would be that of a half-bound
+// set). It records how long binding took.
+func bindAll(ctx context.Context, env *Env, cfg ScaleForwardingConfig, load loadgen.SendConfig, r *FwdScaleResult) error {
+	start := time.Now()
+	pass := load
+	pass.Batch, pass.MaxPackets, pass.Rate = 1, 1, cfg.BindRate
+	pass.Duration = time.Duration(float64(load.Clients)/cfg.BindRate*float64(time.Second)) + 5*time.Second
+	var bound float64
+	for r.BindPasses = 1; r.BindPasses <= cfg.MaxBindPasses; r.BindPasses++ {
+		if _, err := sendSplit(ctx, env, pass, cfg.Senders); err != nil {
+			return err
+		}
+		// The last binds commit within milliseconds of their datagrams.
+		deadline := time.Now().Add(2 * time.Second)
+		for {
+			var err error
+			if bound, err = ikelbGauge(env, "ikelb_affinity_entries"); err != nil {
+				return err
+			}
+			if int(bound) >= load.Clients || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond) // polling the balancer's metrics, bounded by deadline
+		}
+		if int(bound) >= load.Clients {
+			r.BindSeconds = time.Since(start).Seconds()
+			return nil
+		}
+	}
+	return fmt.Errorf("bench: %d of %d clients bound after %d passes at %.0f datagrams/s", int(bound), load.Clients, cfg.MaxBindPasses, cfg.BindRate)
+}
+
+// ikelbGauge reads one unlabelled metric of the balancer's ikelbd.
+func ikelbGauge(env *Env, name string) (float64, error) {
+	out, err := env.Balancer.Run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:7451/metrics")
+	if err != nil {
+		return 0, fmt.Errorf("bench: metrics: %w: %s", err, oneLine(out, 200))
+	}
+	for _, l := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(l, name+" "); ok {
+			return strconv.ParseFloat(strings.TrimSpace(v), 64)
+		}
+	}
+	return 0, fmt.Errorf("bench: no %s in the metrics", name)
+}
+
 // ikelbMetrics is the part of the balancer's metrics that says where the
 // load went: committed affinities, datagrams forwarded (kernel and
 // userspace), drops and dropped proposals.
@@ -383,7 +443,7 @@ func ikelbMetrics(env *Env) string {
 	}
 	var keep []string
 	for _, l := range strings.Split(out, "\n") {
-		for _, m := range []string{"ikelb_affinity_entries ", "ikelb_service_packets_total", "ikelb_service_drops_total", "ikelb_proposals_dropped_total", "ikelb_fastpath"} {
+		for _, m := range []string{"ikelb_affinity_entries ", "ikelb_service_packets_total", "ikelb_service_drops_total", "ikelb_proposals_dropped_total", "ikelb_flows "} {
 			if strings.HasPrefix(l, m) && !strings.HasSuffix(l, " 0") {
 				keep = append(keep, l)
 			}
@@ -410,7 +470,7 @@ func ikelbNote(k *Ikelb) string {
 	}
 	var keep []string
 	for _, l := range strings.Split(k.proc.Log(), "\n") {
-		if strings.Contains(l, "flow") || strings.Contains(l, "too many open files") || strings.Contains(l, "drop") {
+		if strings.Contains(l, "flow") || strings.Contains(l, "too many open files") || strings.Contains(l, "drop") || strings.Contains(l, "fast path") {
 			keep = append(keep, l)
 		}
 	}
@@ -420,10 +480,17 @@ func ikelbNote(k *Ikelb) string {
 	return oneLine(strings.Join(keep, " | "), 400)
 }
 
-// scaleRate warms up (every client sends: binds commit, flows open), then
+// scaleRate binds every client first (ikelb: passes of one datagram per
+// client until the balancer's table holds them all), warms up (every
+// client sends: flows open, the kernel takes established clients), then
 // runs the load Repeats times and keeps the median.
-func scaleRate(ctx context.Context, env *Env, cfg ScaleForwardingConfig, dst netip.AddrPort, base netip.Addr, clients int, r *FwdScaleResult) error {
+func scaleRate(ctx context.Context, env *Env, cfg ScaleForwardingConfig, tgt Target, dst netip.AddrPort, base netip.Addr, clients int, r *FwdScaleResult) error {
 	load := loadgen.SendConfig{Dst: dst, ClientBase: base, Clients: clients, SrcPort: ClientPort, Size: cfg.Size, Duration: cfg.Warmup, Batch: cfg.Batch}
+	if _, ok := tgt.(*Ikelb); ok {
+		if err := bindAll(ctx, env, cfg, load, r); err != nil {
+			return err
+		}
+	}
 	if _, err := sendSplit(ctx, env, load, cfg.Senders); err != nil {
 		return err
 	}
@@ -467,7 +534,8 @@ func scaleRate(ctx context.Context, env *Env, cfg ScaleForwardingConfig, dst net
 
 // sendSplit runs cfg's clients as n generator processes at once, each with
 // its share of the clients (one socket per client each: a process may
-// hold only RLIMIT_NOFILE of them), and sums their results.
+// hold only RLIMIT_NOFILE of them) and of cfg.Rate, and sums their
+// results. cfg.MaxPackets, if set, is per client.
 func sendSplit(ctx context.Context, e *Env, cfg loadgen.SendConfig, n int) (loadgen.SendResult, error) {
 	n = max(1, min(n, cfg.Clients))
 	type out struct {
@@ -481,6 +549,8 @@ func sendSplit(ctx context.Context, e *Env, cfg loadgen.SendConfig, n int) (load
 		c := cfg
 		c.ClientBase = loadgen.Addr(cfg.ClientBase, first)
 		c.Clients = min(per, cfg.Clients-first)
+		c.MaxPackets = cfg.MaxPackets * uint64(c.Clients)
+		c.Rate = cfg.Rate * float64(c.Clients) / float64(cfg.Clients)
 		started++
 		go func() { // each result is received below
 			r, err := sendBatched(ctx, e, c)
@@ -517,6 +587,12 @@ func sendBatched(ctx context.Context, e *Env, cfg loadgen.SendConfig) (loadgen.S
 		"-duration", cfg.Duration.String(), "-src-port", strconv.Itoa(int(cfg.SrcPort)),
 		"-clients", strconv.Itoa(cfg.Clients), "-client-base", cfg.ClientBase.String(),
 		"-batch", strconv.Itoa(cfg.Batch), "-out", path,
+	}
+	if cfg.Rate > 0 {
+		args = append(args, "-rate", strconv.FormatFloat(cfg.Rate, 'f', 0, 64))
+	}
+	if cfg.MaxPackets > 0 {
+		args = append(args, "-max-packets", strconv.FormatUint(cfg.MaxPackets, 10))
 	}
 	// Opening 100,000 sockets (and finding their addresses) takes a while
 	// before the timed run starts.
@@ -563,17 +639,21 @@ func (rep *ScaleReport) WriteTable(w io.Writer) error {
 	if len(rep.Forwarding) > 0 {
 		fmt.Fprintf(w, "\nforwarding rate vs number of clients (64-byte ESP-in-UDP to :4500, each client its own source address):\n")
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "target\tclients\tbatch/client turn\ttx kpps\trx kpps\tloss\t× fewest clients\t")
+		fmt.Fprintln(tw, "target\tclients\tall bound in\tbatch/client turn\ttx kpps\trx kpps\tloss\t× fewest clients\t")
 		for _, x := range rep.Forwarding {
 			if x.Reason != "" {
-				fmt.Fprintf(tw, "%s\t%d\t\tn/a\t\t\t\t\n", x.Target, x.Clients)
+				fmt.Fprintf(tw, "%s\t%d\t\t\tn/a\t\t\t\t\n", x.Target, x.Clients)
 				continue
 			}
 			vs := "-"
 			if x.VsFewer > 0 {
 				vs = fmt.Sprintf("%.2f", x.VsFewer)
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%d\t%.0f\t%.0f\t%.1f%%\t%s\t\n", x.Target, x.Clients, x.Batch, x.TxPPS/1000, x.RxPPS/1000, 100*x.Loss, vs)
+			bound := "-"
+			if x.BindPasses > 0 {
+				bound = fmt.Sprintf("%.1f s (%d passes)", x.BindSeconds, x.BindPasses)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%.0f\t%.0f\t%.1f%%\t%s\t\n", x.Target, x.Clients, bound, x.Batch, x.TxPPS/1000, x.RxPPS/1000, 100*x.Loss, vs)
 		}
 		if err := tw.Flush(); err != nil {
 			return err

@@ -12,6 +12,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -75,10 +76,65 @@ func affMap(t *nftables.Table, s *fastService) *nftables.Set {
 func fwdCounter(s *fastService) string { return "fwd_" + strconv.FormatUint(uint64(s.id), 10) }
 func repCounter(s *fastService) string { return "rep_" + strconv.FormatUint(uint64(s.id), 10) }
 
-func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error {
-	c, err := nftables.New()
+// elemChunk is the most set elements per netlink message: the message's
+// element list is one attribute, whose 16-bit length overflows at about
+// 2,000 IPv4 or 1,250 IPv6 map elements (the kernel then answers ENOENT).
+// A transaction holds as many messages as it needs.
+const elemChunk = 512
+
+// conn opens an nftables connection whose socket can send a transaction of
+// about elems set elements at once: netlink refuses a sendmsg larger than
+// the socket's send buffer (EMSGSIZE past the default 208 KiB, i.e. about
+// 5,000 elements), so it is raised with SO_SNDBUFFORCE (CAP_NET_ADMIN,
+// which nftables needs anyway).
+func (k *nftFast) conn(elems int) (*nftables.Conn, error) {
+	need := 1<<20 + 64*elems
+	c, err := nftables.New(nftables.WithSockOptions(func(nc *mdnetlink.Conn) error {
+		if elems <= 2*elemChunk {
+			return nil
+		}
+		raw, err := nc.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var serr error
+		if err := raw.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, need)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}))
 	if err != nil {
-		return wrap("nftables", err)
+		return nil, wrap("nftables", err)
+	}
+	return c, nil
+}
+
+// addElements adds elems to set in messages of at most elemChunk.
+func addElements(c *nftables.Conn, set *nftables.Set, elems []nftables.SetElement) error {
+	for i := 0; i < len(elems); i += elemChunk {
+		if err := c.SetAddElements(set, elems[i:min(len(elems), i+elemChunk)]); err != nil {
+			return wrap("nft map "+set.Name, err)
+		}
+	}
+	return nil
+}
+
+// deleteElements deletes elems from set in messages of at most elemChunk.
+func deleteElements(c *nftables.Conn, set *nftables.Set, elems []nftables.SetElement) error {
+	for i := 0; i < len(elems); i += elemChunk {
+		if err := c.SetDeleteElements(set, elems[i:min(len(elems), i+elemChunk)]); err != nil {
+			return wrap("nft map "+set.Name, err)
+		}
+	}
+	return nil
+}
+
+func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error {
+	c, err := k.conn(len(elems))
+	if err != nil {
+		return err
 	}
 	byService := map[uint32][]nftables.SetElement{}
 	for key, b := range elems {
@@ -133,8 +189,11 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 		if err := c.AddSet(ports, pe); err != nil {
 			return wrap("nft set "+ports.Name, err)
 		}
-		if err := c.AddSet(aff, byService[id]); err != nil {
+		if err := c.AddSet(aff, nil); err != nil {
 			return wrap("nft map "+aff.Name, err)
+		}
+		if err := addElements(c, aff, byService[id]); err != nil {
+			return err
 		}
 		c.AddObj(&nftables.CounterObj{Table: t, Name: fwdCounter(s)})
 		c.AddObj(&nftables.CounterObj{Table: t, Name: repCounter(s)})
@@ -265,9 +324,9 @@ func ctDirection(d byte) []expr.Any {
 }
 
 func (k *nftFast) update(ops []mapOp) error {
-	c, err := nftables.New()
+	c, err := k.conn(len(ops))
 	if err != nil {
-		return wrap("nftables", err)
+		return err
 	}
 	type batch struct {
 		set       *nftables.Set
@@ -287,17 +346,13 @@ func (k *nftFast) update(ops []mapOp) error {
 		}
 	}
 	for _, b := range batches { // deletes first: a re-bind is a delete and an add
-		if len(b.del) > 0 {
-			if err := c.SetDeleteElements(b.set, b.del); err != nil {
-				return wrap("nft map "+b.set.Name, err)
-			}
+		if err := deleteElements(c, b.set, b.del); err != nil {
+			return err
 		}
 	}
 	for _, b := range batches {
-		if len(b.adds) > 0 {
-			if err := c.SetAddElements(b.set, b.adds); err != nil {
-				return wrap("nft map "+b.set.Name, err)
-			}
+		if err := addElements(c, b.set, b.adds); err != nil {
+			return err
 		}
 	}
 	if err := c.Flush(); err != nil {

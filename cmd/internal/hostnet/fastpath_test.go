@@ -110,6 +110,20 @@ func nftMap(name string) []string {
 	return els
 }
 
+// waitMapLen polls until the map holds n elements.
+func waitMapLen(t *testing.T, name string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	var got int
+	for time.Now().Before(deadline) {
+		if got = len(nftMap(name)); got == n {
+			return
+		}
+		time.Sleep(50 * time.Millisecond) // polling the kernel's state, with a deadline
+	}
+	t.Fatalf("map %s holds %d elements, want %d", name, got, n)
+}
+
 // waitMap polls until the map holds exactly want.
 func waitMap(t *testing.T, name string, want ...string) {
 	t.Helper()
@@ -243,6 +257,28 @@ func TestFastPathChild(t *testing.T) {
 		t.Fatal("the queue did not overflow: the test does not test the resync")
 	}
 
+	// Bulk: 20,000 bindings at once (a restore, a burst of new clients)
+	// reach the map through one transaction of many messages (one
+	// message holds about 2,000 elements, one default-sized socket buffer
+	// about 5,000), and so does a rebuild that installs them all.
+	for i := range 20000 {
+		tb.Put(key(fmt.Sprintf("10.3.%d.%d", i/250, 1+i%250)), dataplane.Entry{Backend: 2})
+	}
+	waitMapLen(t, "aff_7", len(want)+20000)
+	fp.SetServices(svc(dataplane.StateDrain, "10.0.0.2")) // another SNAT address: new rules, the maps rebuilt
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, _ := exec.Command("nft", "list", "chain", "ip", DefaultFastNFTTable, "nat_postrouting").CombinedOutput()
+		if strings.Contains(string(out), "snat to 10.0.0.2") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not rebuilt with the new SNAT address:\n%s", out)
+		}
+		time.Sleep(10 * time.Millisecond) // polling the kernel's state, with a deadline
+	}
+	waitMapLen(t, "aff_7", len(want)+20000)
+
 	// Reset (a snapshot restore) then two entries.
 	tb.Reset()
 	tb.Put(key("10.1.0.7"), dataplane.Entry{Backend: 2})
@@ -300,7 +336,7 @@ func TestFastPathChild(t *testing.T) {
 	if cov := fp.transparent(fp.setServices(nil), 5*time.Second); len(cov) != 0 {
 		t.Fatalf("transparent services covered %v with no service", cov)
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	deadline = time.Now().Add(5 * time.Second)
 	for exec.Command("nft", "list", "table", "ip", DefaultFastNFTTable).Run() == nil {
 		if time.Now().After(deadline) {
 			t.Fatal("table left with no nat service")
