@@ -30,6 +30,7 @@ type Engine struct {
 
 	now       atomic.Int64 // coarse clock, Unix ns, updated every ClockTick
 	flowCount atomic.Int64 // open flows, all listeners
+	upstreams atomic.Int64 // of which with an upstream socket (nat), bounded by MaxFlows
 	kernel    swappable[KernelPath]
 
 	// Transparent mode's reply path: backend:port → listener, rebuilt by

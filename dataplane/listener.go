@@ -189,18 +189,24 @@ func (l *listener) replaceFlow(fk flowKey, client netip.AddrPort, sv *serviceVie
 	if old != nil {
 		l.closeFlow(fk, old)
 	}
-	if e.flowCount.Add(1) > int64(e.cfg.MaxFlows) {
-		e.flowCount.Add(-1)
+	// MaxFlows bounds upstream sockets: a transparent flow has none (its
+	// datagrams leave by the listener's raw socket), so it is not counted.
+	socket := sv.svc.Mode != ModeTransparent
+	if socket && e.upstreams.Add(1) > int64(e.cfg.MaxFlows) {
+		e.upstreams.Add(-1)
 		return nil, DropFlowLimit
 	}
 	be := &sv.backends[bi]
 	up, err := forwarderFor(sv.svc.Mode, e.cfg.sockets).upstream(sv, client, l.addr, be.Addr)
 	if err != nil {
-		e.flowCount.Add(-1)
+		if socket {
+			e.upstreams.Add(-1)
+		}
 		l.flowErrs++
 		l.lastFlowErr = err
 		return nil, DropFlowError
 	}
+	e.flowCount.Add(1)
 	f := &flow{client: client, backendID: be.ID, backendAddr: be.Addr, up: up, counters: sv.counters[bi], svc: sv.svcCounters}
 	if old != nil {
 		f.pacing = old.pacing
@@ -220,6 +226,9 @@ func (l *listener) closeFlow(fk flowKey, f *flow) {
 	}
 	delete(l.flows, fk)
 	l.engine.flowCount.Add(-1)
+	if f.up != nil {
+		l.engine.upstreams.Add(-1)
+	}
 }
 
 // sweep closes flows idle longer than the service's flow timeout, and

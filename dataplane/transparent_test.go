@@ -257,6 +257,19 @@ func TestTransparentBatch(t *testing.T) {
 	}
 }
 
+// TestTransparentFlowsNotSocketBounded: MaxFlows bounds upstream sockets;
+// transparent flows have none, so a busy transparent service is not
+// dropped at it (nor at the open-file cap that lowers it).
+func TestTransparentFlowsNotSocketBounded(t *testing.T) {
+	e, l, _, _ := transparentEngine(t)
+	e.cfg.MaxFlows = 4
+	l.handleBatch(clientBatch(e, 32), 32, e.now.Load())
+	cs := e.Counters()[0]
+	if e.Flows() != 16 || cs.DropsByReason["flow_limit"] != 0 || cs.Packets != 32 {
+		t.Fatalf("flows %d, counters %+v", e.Flows(), cs)
+	}
+}
+
 // TestTransparentReplies: replies intercepted from a backend:port go to
 // the original destination (the client) out of that port's VIP listener;
 // others are counted unmatched; no allocation.

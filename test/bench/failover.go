@@ -350,6 +350,9 @@ func runFailover(ctx context.Context, tb testing.TB, cfg FailoverConfig, shape s
 			TrackScript: func(*topo.Node) string {
 				return fmt.Sprintf("%s --addr %s --timeout 1s check ready", cfg.Bin.Ikelbctl, nodeAdmin)
 			},
+			ReadyWatcher: func(*topo.Node) []string {
+				return []string{cfg.Bin.Ikelbctl, "--addr", nodeAdmin, "check", "ready"}
+			},
 		})
 		f.backends, f.vip, client = vrrp.Backends, vrrp.VIP, vrrp.Clients[0]
 		f.startResponders()

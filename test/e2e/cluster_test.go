@@ -478,6 +478,45 @@ func TestVRRPFailover(t *testing.T) {
 	}
 }
 
+// TestVRRPReadyWatcher: only ikelbd dies on the VRRP master (keepalived
+// lives on). The track script is made too slow to matter (every 30 s, fall
+// 2), so the VIP can only move because the readiness watcher
+// (`ikelbctl check ready --track-file`) saw ikelbd go and keepalived read
+// its track_file; the sessions' clients keep their servers.
+func TestVRRPReadyWatcher(t *testing.T) {
+	netns.Require(t, "ip", "nft", "keepalived")
+	_, ctlBin := Binaries(t)
+	lab := netns.New(t, "rw")
+	v := topo.NewVRRP(lab, topo.VRRPConfig{
+		ClientSide:   topo.ClientSide{Clients: 1},
+		Backends:     3,
+		NoKeepalived: true,
+		TrackScript: func(n *topo.Node) string {
+			return fmt.Sprintf("%s --addr %s --timeout 1s check ready", ctlBin, nodeAdmin)
+		},
+		TrackInterval: 30 * time.Second,
+		ReadyWatcher: func(*topo.Node) []string {
+			return []string{ctlBin, "--addr", nodeAdmin, "check", "ready"}
+		},
+	})
+	startResponders(t, lab, v.Backends)
+	cs := clusterSpec{vip: v.VIP, backends: v.Backends, mode: "nat"}
+	nodes := startNodes(t, v.Nodes(), map[string]string{v.Witness.Name: "witness"}, cs)
+	v.StartKeepalived(v.LB1)
+	master := v.WaitMaster(nil, 10*time.Second)
+	v.StartKeepalived(v.LB2)
+
+	const d = 10 * time.Second
+	s := startSessions(t, lab, v.Clients[0], v.VIP, 0, 50, false, d)
+	committed := waitTables(t, nodes, 50, 20*time.Second)
+	killAt := time.Now()
+	nodes[master.Name].d.Kill()
+	// Far below the track script's 60 s (30 s × fall 2).
+	newMaster := v.WaitMaster(v.Peer(master), 10*time.Second)
+	t.Logf("SIGKILL of ikelbd on %s (keepalived lives); VIP on %s after %v", master.Name, newMaster.Name, time.Since(killAt).Round(time.Millisecond))
+	checkSessions(t, "clients across an ikelbd kill", s.wait(t, d+time.Minute), 50, committed, backendNames(v.Backends))
+}
+
 // TestAnycastFailover: a router with an ECMP route to the VIP over three
 // nodes and an L4 multipath hash, so the 500 and 4500 halves of a client
 // often reach different nodes; every client must still reach exactly one

@@ -20,6 +20,7 @@ func ExampleKeepalived_Conf() {
 		Gateway:          topo.VRRPGateway,
 		GatewayInterface: "back0",
 		TrackScript:      "/usr/bin/ikelbctl --addr 127.0.0.1:7450 check ready",
+		TrackFile:        "/run/ikelb/ready",
 	}
 	fmt.Print(k.Conf())
 	// Output:
@@ -45,6 +46,14 @@ func ExampleKeepalived_Conf() {
 	// 	rise 2
 	// }
 	//
+	// # 0 while this node can serve, kept by `ikelbctl check ready --track-file`;
+	// # anything else (1) => FAULT at once. Not ready until the watcher says so.
+	// track_file ikelb_ready_file {
+	// 	file "/run/ikelb/ready"
+	// 	weight 0
+	// 	init_file 1
+	// }
+	//
 	// vrrp_instance ikelb {
 	// 	state BACKUP
 	// 	nopreempt
@@ -63,6 +72,9 @@ func ExampleKeepalived_Conf() {
 	// 	}
 	// 	track_script {
 	// 		ikelb_ready
+	// 	}
+	// 	track_file {
+	// 		ikelb_ready_file
 	// 	}
 	// }
 }

@@ -75,6 +75,13 @@ type Keepalived struct {
 	// TrackScript is the command whose exit status says whether this node
 	// can serve; "" for none. keepalived splits it on spaces.
 	TrackScript string
+	// TrackFile is a file holding 0 while this node can serve and
+	// anything else when it cannot (`ikelbctl check ready --track-file`
+	// keeps it); "" for none. keepalived re-reads it on every change
+	// (inotify), so a watcher that sees ikelbd die moves the VIP at once,
+	// instead of after the track script's fall × interval. Both may be
+	// set: the script then notices a dead watcher.
+	TrackFile string
 	// TrackInterval, TrackFall and TrackRise tune the track script.
 	TrackInterval time.Duration
 	TrackFall     int
@@ -137,6 +144,16 @@ func (k Keepalived) Conf() string {
 		w("\trise %d", k.TrackRise)
 		w("}")
 	}
+	if k.TrackFile != "" {
+		w("")
+		w("# 0 while this node can serve, kept by `ikelbctl check ready --track-file`;")
+		w("# anything else (1) => FAULT at once. Not ready until the watcher says so.")
+		w("track_file ikelb_ready_file {")
+		w("\tfile %q", k.TrackFile)
+		w("\tweight 0")
+		w("\tinit_file 1")
+		w("}")
+	}
 	w("")
 	w("vrrp_instance ikelb {")
 	w("\tstate BACKUP")
@@ -161,6 +178,11 @@ func (k Keepalived) Conf() string {
 	if k.TrackScript != "" {
 		w("\ttrack_script {")
 		w("\t\tikelb_ready")
+		w("\t}")
+	}
+	if k.TrackFile != "" {
+		w("\ttrack_file {")
+		w("\t\tikelb_ready_file")
 		w("\t}")
 	}
 	w("}")

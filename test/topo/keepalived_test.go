@@ -14,6 +14,7 @@ func TestKeepalivedConf(t *testing.T) {
 		Peers: []netip.Addr{netip.MustParseAddr("10.0.0.12")},
 		VIP:   netip.MustParseAddr("10.0.0.100"), Gateway: netip.MustParseAddr("10.1.0.1"), GatewayInterface: "back0",
 		TrackScript: "/usr/local/bin/ikelbctl --addr 10.0.0.11:7450 check ready",
+		TrackFile:   "/run/ikelb/ready",
 	}
 	conf := k.Conf()
 	for _, want := range []string{
@@ -25,6 +26,8 @@ func TestKeepalivedConf(t *testing.T) {
 		"unicast_src_ip 10.0.0.11", "unicast_peer {\n\t\t10.0.0.12\n\t}",
 		"10.0.0.100/32 dev eth0", "10.1.0.1/32 dev back0",
 		"track_script {\n\t\tikelb_ready\n\t}",
+		"track_file ikelb_ready_file {\n\tfile \"/run/ikelb/ready\"\n\tweight 0\n\tinit_file 1\n}",
+		"track_file {\n\t\tikelb_ready_file\n\t}",
 	} {
 		if !strings.Contains(conf, want) {
 			t.Errorf("conf lacks %q:\n%s", want, conf)
@@ -34,10 +37,10 @@ func TestKeepalivedConf(t *testing.T) {
 		t.Errorf("unbalanced braces:\n%s", conf)
 	}
 
-	k.TrackScript, k.Gateway = "", netip.Addr{}
+	k.TrackScript, k.TrackFile, k.Gateway = "", "", netip.Addr{}
 	k.AdvertInterval = 500 * time.Millisecond
 	conf = k.Conf()
-	for _, absent := range []string{"vrrp_script", "track_script", "back0"} {
+	for _, absent := range []string{"vrrp_script", "track_script", "track_file", "back0"} {
 		if strings.Contains(conf, absent) {
 			t.Errorf("conf without track script and gateway has %q:\n%s", absent, conf)
 		}

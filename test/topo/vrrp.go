@@ -35,6 +35,13 @@ type VRRPConfig struct {
 	// e.g. "/path/ikelbctl --addr 10.0.0.11:7450 check ready"; nil or ""
 	// for none (then only keepalived's own liveness moves the VIP).
 	TrackScript func(n *Node) string
+	// ReadyWatcher returns the command of a long-running readiness
+	// watcher for balancer n, e.g. "/path/ikelbctl --addr A check ready";
+	// topo appends "--track-file FILE", starts it with keepalived (before
+	// it) and kills it with KillKeepalived, and keepalived tracks FILE
+	// (track_file, weight 0: a non-zero value means FAULT, noticed at
+	// once by inotify). nil: no track file.
+	ReadyWatcher func(n *Node) []string
 	// AdvertInterval, TrackInterval, TrackFall and TrackRise tune
 	// keepalived; see Keepalived for their defaults and effect.
 	AdvertInterval time.Duration
@@ -79,8 +86,9 @@ type VRRP struct {
 	cfg VRRPConfig
 	dir map[*Node]string // keepalived's directory per balancer
 
-	mu  sync.Mutex // guards the following
-	kad map[*Node]*netns.Proc
+	mu      sync.Mutex // guards the following
+	kad     map[*Node]*netns.Proc
+	watcher map[*Node]*netns.Proc
 }
 
 // NewVRRP builds the VRRP shape in lab and, unless cfg.NoKeepalived, starts
@@ -93,7 +101,7 @@ func NewVRRP(lab *netns.Lab, cfg VRRPConfig) *VRRP {
 	v := &VRRP{
 		Lab: lab, Router: cs.router, NAT: cs.nat, Clients: cs.clients,
 		VIP: VRRPVIP, Gateway: VRRPGateway,
-		cfg: cfg, dir: map[*Node]string{}, kad: map[*Node]*netns.Proc{},
+		cfg: cfg, dir: map[*Node]string{}, kad: map[*Node]*netns.Proc{}, watcher: map[*Node]*netns.Proc{},
 	}
 	back := lab.AddSwitch("back")
 	v.LB1 = addNode(lab, "lb1", 0, cs.edge, back)
@@ -157,8 +165,14 @@ func (v *VRRP) Keepalived(n *Node) Keepalived {
 	if v.cfg.TrackScript != nil {
 		k.TrackScript = v.cfg.TrackScript(n)
 	}
+	if v.cfg.ReadyWatcher != nil {
+		k.TrackFile = v.trackFile(n)
+	}
 	return k
 }
+
+// trackFile is the file balancer n's readiness watcher keeps.
+func (v *VRRP) trackFile(n *Node) string { return filepath.Join(v.dir[n], "ready") }
 
 // KeepalivedConf returns the keepalived.conf text balancer n runs.
 func (v *VRRP) KeepalivedConf(n *Node) string { return v.Keepalived(n).Conf() }
@@ -186,6 +200,10 @@ func (v *VRRP) StartKeepalived(n *Node) *netns.Proc {
 		if err := os.Remove(filepath.Join(d, "run", f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			t.Fatalf("topo: %v", err)
 		}
+	}
+	if v.cfg.ReadyWatcher != nil {
+		args := append(v.cfg.ReadyWatcher(n), "--track-file", v.trackFile(n))
+		v.watcher[n] = n.Start("ready-watcher-"+n.Name, netns.Spec{Args: args})
 	}
 	p := n.Start("keepalived-"+n.Name, netns.Spec{
 		Args: []string{"keepalived",
@@ -225,6 +243,14 @@ func (v *VRRP) KillKeepalived(n *Node) {
 	}
 	if err := p.Kill(); err != nil {
 		t.Fatal(err)
+	}
+	v.mu.Lock()
+	w := v.watcher[n]
+	v.mu.Unlock()
+	if w != nil { // a dead node's watcher is dead too
+		if err := w.Kill(); err != nil && !errors.Is(err, netns.ErrExited) {
+			t.Fatal(err)
+		}
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
