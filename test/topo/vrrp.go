@@ -116,10 +116,10 @@ func NewVRRP(lab *netns.Lab, cfg VRRPConfig) *VRRP {
 		if err := os.Mkdir(filepath.Join(d, "run"), 0o755); err != nil {
 			t.Fatalf("topo: %v", err)
 		}
+		v.dir[n] = d // before the conf: it names files in d
 		if err := os.WriteFile(filepath.Join(d, "keepalived.conf"), []byte(v.KeepalivedConf(n)), 0o644); err != nil {
 			t.Fatalf("topo: %v", err)
 		}
-		v.dir[n] = d
 	}
 	if !cfg.NoKeepalived {
 		for _, n := range v.Balancers() {
@@ -172,7 +172,13 @@ func (v *VRRP) Keepalived(n *Node) Keepalived {
 }
 
 // trackFile is the file balancer n's readiness watcher keeps.
-func (v *VRRP) trackFile(n *Node) string { return filepath.Join(v.dir[n], "ready") }
+func (v *VRRP) trackFile(n *Node) string {
+	d := v.dir[n]
+	if d == "" {
+		panic("topo: no keepalived directory for " + n.Name)
+	}
+	return filepath.Join(d, "ready")
+}
 
 // KeepalivedConf returns the keepalived.conf text balancer n runs.
 func (v *VRRP) KeepalivedConf(n *Node) string { return v.Keepalived(n).Conf() }
