@@ -37,10 +37,12 @@ a degraded node (it forwards by its last committed table).
 With --track-file PATH it keeps running instead: it checks every --interval
 and writes 0 (ready) or 1 (not ready) to PATH whenever that changes, for a
 keepalived track_file with weight 0, which keepalived re-reads at once
-(inotify). A killed ikelbd is then noticed within one interval instead of
-the track script's interval × fall. A refused connection or a not-ready
-answer counts at once; a request that times out only after --fall in a row;
-ready again after --rise in a row. On exit (SIGTERM) it writes 1: the file
+(inotify). A killed ikelbd (the connection is refused) is then noticed
+within one interval instead of the track script's interval × fall. A
+not-ready answer or a timed-out request counts only after --fall in a row
+(default 10, 2 s): the surviving node has no Raft leader for a moment
+while the cluster elects one, and must not give up the VIP for that. Ready
+again after --rise in a row. On exit (SIGTERM) it writes 1: the file
 vouches for the node only while a watcher runs. Keep the track script as
 well: it notices a watcher that died.
 
@@ -58,13 +60,14 @@ well: it notices a watcher that died.
 			if err != nil {
 				return err
 			}
-			check := func() (reason string, timedOut bool) {
+			// hard: ikelbd is not there at all (connection refused).
+			check := func() (reason string, hard bool) {
 				st, err := call(a, cmd, c.GetNodeStatus, &ikelbv1.GetNodeStatusRequest{})
 				if err != nil {
 					if code, msg, ok := rpcError(err); ok {
-						return fmt.Sprintf("%s: %s", code, msg), code == codes.DeadlineExceeded
+						return fmt.Sprintf("%s: %s", code, msg), code == codes.Unavailable
 					}
-					return err.Error(), false
+					return err.Error(), true
 				}
 				return notReady(st, allowDegraded), false
 			}
@@ -81,7 +84,7 @@ well: it notices a watcher that died.
 	ready.Flags().BoolVar(&allowDegraded, "allow-degraded", false, "a node without Raft quorum is still ready")
 	ready.Flags().StringVar(&w.file, "track-file", "", "keep checking and write 0 (ready) / 1 (not) to this file for keepalived's track_file")
 	ready.Flags().DurationVar(&w.interval, "interval", 200*time.Millisecond, "with --track-file: time between checks")
-	ready.Flags().IntVar(&w.fall, "fall", 3, "with --track-file: timed-out checks in a row before not ready")
+	ready.Flags().IntVar(&w.fall, "fall", 10, "with --track-file: not-ready or timed-out checks in a row before not ready (a refused connection: at once)")
 	ready.Flags().IntVar(&w.rise, "rise", 2, "with --track-file: ready checks in a row before ready again")
 	return group("check", "Health checks for scripts", ready)
 }

@@ -689,8 +689,9 @@ func TestCompactDuration(t *testing.T) {
 }
 
 // check ready --track-file keeps the file at 0 while the node is ready and
-// 1 otherwise: not ready at start until --rise checks pass, at once on a
-// not-ready answer or a dead server, and on exit.
+// 1 otherwise: not ready at start until --rise checks pass, after --fall
+// not-ready answers in a row (a moment without a leader is not enough), at
+// once for a dead server, and on exit.
 func TestCheckReadyTrackFile(t *testing.T) {
 	f := newFake()
 	f.node = &ikelbv1.GetNodeStatusResponse{Name: "lb1", RaftState: "Follower", Leader: "lb2", Services: 1, Role: "voter"}
@@ -718,13 +719,24 @@ func TestCheckReadyTrackFile(t *testing.T) {
 		}
 	}
 	waitValue("0")
-	f.mu.Lock()
-	f.node.Degraded, f.node.Leader = true, ""
-	f.mu.Unlock()
+	setLeader := func(leader string) { // a new message: the server may still be marshalling the last one
+		f.mu.Lock()
+		n := proto.Clone(f.node).(*ikelbv1.GetNodeStatusResponse)
+		n.Degraded, n.Leader = leader == "", leader
+		f.node = n
+		f.mu.Unlock()
+	}
+	// An election: leaderless for less than --fall checks.
+	setLeader("")
+	time.Sleep(60 * time.Millisecond) // 3 checks of 20 ms, below --fall 10
+	setLeader("lb2")
+	time.Sleep(60 * time.Millisecond)
+	if b, _ := os.ReadFile(file); string(b) != "0\n" {
+		t.Fatalf("a leaderless moment of 3 checks flipped the file to %q", b)
+	}
+	setLeader("")
 	waitValue("1")
-	f.mu.Lock()
-	f.node.Degraded, f.node.Leader = false, "lb2"
-	f.mu.Unlock()
+	setLeader("lb2")
 	waitValue("0")
 	killed := time.Now()
 	f.stop() // ikelbd killed

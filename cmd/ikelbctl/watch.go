@@ -19,7 +19,7 @@ type watchOptions struct {
 // (ready) or "1\n" (not ready), written only on a change, by rename so
 // that a reader never sees a partial value. It starts not ready (and
 // writes that at once), and writes "1\n" on its way out.
-func (w *watchOptions) run(ctx context.Context, a *app, check func() (reason string, timedOut bool)) error {
+func (w *watchOptions) run(ctx context.Context, a *app, check func() (reason string, hard bool)) error {
 	switch {
 	case w.interval <= 0:
 		return usagef("--interval: must be positive, got %v", w.interval)
@@ -52,28 +52,23 @@ func (w *watchOptions) run(ctx context.Context, a *app, check func() (reason str
 	defer func() { _ = writeAtomic(w.file, "1\n") }()
 	tick := time.NewTicker(w.interval)
 	defer tick.Stop()
-	oks, timeouts := 0, 0
+	oks, fails := 0, 0
 	for {
-		reason, timedOut := check()
+		reason, hard := check()
 		switch {
 		case reason == "":
-			oks, timeouts = oks+1, 0
+			oks, fails = oks+1, 0
 			if oks >= w.rise || ready {
 				if err := set(true, ""); err != nil {
 					return err
 				}
 			}
-		case timedOut:
-			oks, timeouts = 0, timeouts+1
-			if timeouts >= w.fall {
+		default:
+			oks, fails = 0, fails+1
+			if hard || fails >= w.fall {
 				if err := set(false, reason); err != nil {
 					return err
 				}
-			}
-		default:
-			oks, timeouts = 0, 0
-			if err := set(false, reason); err != nil {
-				return err
 			}
 		}
 		select {
