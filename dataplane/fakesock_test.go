@@ -122,6 +122,11 @@ func (c *fakeConn) ReadBatch(*batchPool) (*batch, int, error) {
 }
 
 func (c *fakeConn) WriteBatch(_ *batch, pkts []packet) (int, error) {
+	select {
+	case <-c.closed:
+		return 0, net.ErrClosed // as a closed socket
+	default:
+	}
 	if c.keep {
 		for i := range pkts {
 			c.dsts = append(c.dsts, pkts[i].addr)
@@ -209,6 +214,43 @@ func TestListenerBatchFlowLimit(t *testing.T) {
 	cs := e.Counters()[0]
 	if e.Flows() != 4 || cs.DropsByReason["flow_limit"] != 24 || cs.Packets != 8 {
 		t.Fatalf("flows %d, counters %+v", e.Flows(), cs)
+	}
+}
+
+// rebindingProposer commits, for every bind proposed, a binding of the
+// client to another backend than the one proposed (as when another node's
+// proposal for the client won).
+type rebindingProposer struct{ table *Table }
+
+func (p *rebindingProposer) Propose(pr Proposal) bool {
+	if pr.Kind == ProposeBind {
+		p.table.Put(pr.Key, Entry{Backend: 100 + (pr.Backend-100+1)%3}) // testBackends: IDs 100..102
+	}
+	return true
+}
+
+// A flow replaced in the middle of a batch (here: the client's binding
+// committed elsewhere between two of its datagrams) still carries the
+// batch's earlier datagrams: its socket closes after the batch is sent.
+func TestListenerFlowReplacedMidBatch(t *testing.T) {
+	e, l, fs, _ := fakeEngine(t)
+	e.proposer = &rebindingProposer{table: e.table}
+	l.handleBatch(clientBatch(e, 2), 2, e.now.Load()) // one client, two datagrams
+	cs := e.Counters()[0]
+	if len(fs.dialled) != 2 || e.Flows() != 1 || cs.Packets != 2 || cs.Drops != 0 {
+		t.Fatalf("%d dials, %d flows, counters %+v; want 2 dials (the flow replaced), 1 flow, 2 packets, no drop", len(fs.dialled), e.Flows(), cs)
+	}
+	first, second := fs.dialled[0], fs.dialled[1]
+	if first.sent.Load() != 1 || second.sent.Load() != 1 {
+		t.Fatalf("sent %d on the first flow, %d on the second; want 1 and 1", first.sent.Load(), second.sent.Load())
+	}
+	select {
+	case <-first.closed:
+	default:
+		t.Fatal("the replaced flow's socket is still open after the batch")
+	}
+	if len(l.retired) != 0 {
+		t.Fatalf("%d retired flows kept", len(l.retired))
 	}
 }
 

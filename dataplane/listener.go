@@ -35,6 +35,9 @@ type listener struct {
 	tindex []int   // per batch slot: backend index
 
 	rb    *rawBatch // transparent: packets being built
+	// flows replaced during the batch being handled: closed once its
+	// datagrams are sent (earlier slots of the batch may still use them)
+	retired []*flow
 	ident uint32    // transparent: last IP fragment identification
 
 	flowErrs    int // upstream sockets that failed to open since the last sweep
@@ -160,6 +163,7 @@ func (l *listener) handleBatch(b *batch, n int, now int64) {
 	if l.raw != nil {
 		l.forwardRaw(b, n, sv, t)
 		t.flush(sv)
+		l.closeRetired()
 		return
 	}
 	for i := 0; i < n; {
@@ -180,6 +184,18 @@ func (l *listener) handleBatch(b *batch, n int, now int64) {
 		i = j
 	}
 	t.flush(sv)
+	l.closeRetired()
+}
+
+// closeRetired closes the upstreams of the flows replaced during the batch.
+func (l *listener) closeRetired() {
+	for i, f := range l.retired {
+		if f.up != nil {
+			f.up.Close()
+		}
+		l.retired[i] = nil
+	}
+	l.retired = l.retired[:0]
 }
 
 // replaceFlow closes old (if any) and opens a flow for client to
@@ -187,7 +203,10 @@ func (l *listener) handleBatch(b *batch, n int, now int64) {
 func (l *listener) replaceFlow(fk flowKey, client netip.AddrPort, sv *serviceView, bi int, old *flow, now int64) (*flow, DropReason) {
 	e := l.engine
 	if old != nil {
-		l.closeFlow(fk, old)
+		// Earlier datagrams of this batch may be bound for old: its
+		// socket closes after the batch is sent.
+		l.forgetFlow(fk, old)
+		l.retired = append(l.retired, old)
 	}
 	// MaxFlows bounds upstream sockets: a transparent flow has none (its
 	// datagrams leave by the listener's raw socket), so it is not counted.
@@ -224,6 +243,11 @@ func (l *listener) closeFlow(fk flowKey, f *flow) {
 	if f.up != nil {
 		f.up.Close()
 	}
+	l.forgetFlow(fk, f)
+}
+
+// forgetFlow removes f from the flows and the counts without closing it.
+func (l *listener) forgetFlow(fk flowKey, f *flow) {
 	delete(l.flows, fk)
 	l.engine.flowCount.Add(-1)
 	if f.up != nil {
