@@ -98,6 +98,25 @@ func measureTarget(ctx context.Context, env *Env, cfg ForwardingConfig, tgt Targ
 			_ = tgt.Stop(env)
 		}
 	}()
+	if _, ok := tgt.(*Ikelb); ok {
+		// Every load and probe client bound before anything is measured:
+		// the steady state of established clients (see bindPasses).
+		load := loadgen.SendConfig{Dst: dst, ClientBase: ClientBase, Clients: cfg.Clients, SrcPort: ClientPort, Size: cfg.Sizes[0]}
+		probes := load
+		probes.ClientBase, probes.Clients, probes.SrcPort = ProbeBase, cfg.Probes, 0
+		took, passes, err := bindPasses(ctx, env, cfg.Clients+cfg.Probes, 8, func() error {
+			for _, l := range []loadgen.SendConfig{load, probes} {
+				if _, err := env.send(ctx, onePass(l, 20000)); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("bench: %s: binding the clients: %w", tgt.Name(), err)
+		}
+		env.TB.Logf("bench: %s: %d clients bound in %v (%d passes)", tgt.Name(), cfg.Clients+cfg.Probes, took.Round(time.Millisecond), passes)
+	}
 	for i := range rs {
 		if err := measureRate(ctx, env, cfg, dst, &rs[i]); err != nil {
 			return nil, fmt.Errorf("bench: %s, %d bytes: %w", tgt.Name(), rs[i].Size, err)
@@ -252,6 +271,9 @@ func fillRatios(rs []Result) {
 		}
 		if n := find(NFTables{}, r.Size); n != nil && n.RxPPS > 0 {
 			r.VsNFT = r.RxPPS / n.RxPPS
+			if n.Latency.P99us > 0 && r.Latency.Echoed > 0 {
+				r.P99VsNFT = r.Latency.P99us / n.Latency.P99us
+			}
 		}
 		if n := find(&Nginx{}, r.Size); n != nil && n.RxPPS > 0 {
 			r.VsNginx = r.RxPPS / n.RxPPS

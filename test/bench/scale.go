@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -383,40 +382,62 @@ func RunScaleForwarding(ctx context.Context, env *Env, cfg ScaleForwardingConfig
 }
 
 // bindAll sends one datagram per client, in passes at cfg.BindRate,
-// until the balancer's table holds every client (a new client's first
-// datagram goes through the userspace path, which admits fewer clients
-// per second than the kernel forwards established ones: an open-loop
-// blast from 100,000 new clients at once mostly overflows the listener's
-// socket, and the rate measured afterwards would be that of a half-bound
-// set). It records how long binding took.
+// until the balancer's table holds every client (see bindPasses) and
+// records how long that took.
 func bindAll(ctx context.Context, env *Env, cfg ScaleForwardingConfig, load loadgen.SendConfig, r *FwdScaleResult) error {
-	start := time.Now()
+	pass := onePass(load, cfg.BindRate)
+	took, passes, err := bindPasses(ctx, env, load.Clients, cfg.MaxBindPasses, func() error {
+		_, err := sendSplit(ctx, env, pass, cfg.Senders)
+		return err
+	})
+	r.BindSeconds, r.BindPasses = took.Seconds(), passes
+	return err
+}
+
+// onePass is load as one datagram per client at rate.
+func onePass(load loadgen.SendConfig, rate float64) loadgen.SendConfig {
 	pass := load
-	pass.Batch, pass.MaxPackets, pass.Rate = 1, 1, cfg.BindRate
-	pass.Duration = time.Duration(float64(load.Clients)/cfg.BindRate*float64(time.Second)) + 5*time.Second
+	pass.Batch, pass.MaxPackets, pass.Rate = 1, uint64(load.Clients), rate
+	pass.Duration = time.Duration(float64(load.Clients)/rate*float64(time.Second)) + 5*time.Second
+	return pass
+}
+
+// bindPasses runs pass (one datagram from each client) until the ikelbd
+// in env's balancer holds at least want affinities, at most maxPasses
+// times. A new client's first datagrams go through the userspace path,
+// which admits fewer clients per second than the kernel forwards
+// established ones, and shares the balancer's core with the kernel's
+// receive work: under an open-loop blast it is starved (1,000 clients
+// took 3 s to bind at 250 kpps) and the rate measured meanwhile would be
+// that of a half-bound set. It returns how long binding took and the
+// passes it needed.
+func bindPasses(ctx context.Context, env *Env, want, maxPasses int, pass func() error) (time.Duration, int, error) {
+	start := time.Now()
 	var bound float64
-	for r.BindPasses = 1; r.BindPasses <= cfg.MaxBindPasses; r.BindPasses++ {
-		if _, err := sendSplit(ctx, env, pass, cfg.Senders); err != nil {
-			return err
+	for n := 1; n <= maxPasses; n++ {
+		if err := pass(); err != nil {
+			return 0, n, err
 		}
 		// The last binds commit within milliseconds of their datagrams.
 		deadline := time.Now().Add(2 * time.Second)
 		for {
 			var err error
 			if bound, err = ikelbGauge(env, "ikelb_affinity_entries"); err != nil {
-				return err
+				return 0, n, err
 			}
-			if int(bound) >= load.Clients || time.Now().After(deadline) {
+			if int(bound) >= want || time.Now().After(deadline) {
 				break
+			}
+			if err := ctx.Err(); err != nil {
+				return 0, n, err
 			}
 			time.Sleep(100 * time.Millisecond) // polling the balancer's metrics, bounded by deadline
 		}
-		if int(bound) >= load.Clients {
-			r.BindSeconds = time.Since(start).Seconds()
-			return nil
+		if int(bound) >= want {
+			return time.Since(start), n, nil
 		}
 	}
-	return fmt.Errorf("bench: %d of %d clients bound after %d passes at %.0f datagrams/s", int(bound), load.Clients, cfg.MaxBindPasses, cfg.BindRate)
+	return time.Since(start), maxPasses, fmt.Errorf("bench: %d of %d clients bound after %d passes", int(bound), want, maxPasses)
 }
 
 // ikelbGauge reads one unlabelled metric of the balancer's ikelbd.
@@ -534,8 +555,8 @@ func scaleRate(ctx context.Context, env *Env, cfg ScaleForwardingConfig, tgt Tar
 
 // sendSplit runs cfg's clients as n generator processes at once, each with
 // its share of the clients (one socket per client each: a process may
-// hold only RLIMIT_NOFILE of them) and of cfg.Rate, and sums their
-// results. cfg.MaxPackets, if set, is per client.
+// hold only RLIMIT_NOFILE of them) and of cfg.Rate and cfg.MaxPackets
+// (totals, split in proportion), and sums their results.
 func sendSplit(ctx context.Context, e *Env, cfg loadgen.SendConfig, n int) (loadgen.SendResult, error) {
 	n = max(1, min(n, cfg.Clients))
 	type out struct {
@@ -549,11 +570,11 @@ func sendSplit(ctx context.Context, e *Env, cfg loadgen.SendConfig, n int) (load
 		c := cfg
 		c.ClientBase = loadgen.Addr(cfg.ClientBase, first)
 		c.Clients = min(per, cfg.Clients-first)
-		c.MaxPackets = cfg.MaxPackets * uint64(c.Clients)
+		c.MaxPackets = cfg.MaxPackets * uint64(c.Clients) / uint64(cfg.Clients)
 		c.Rate = cfg.Rate * float64(c.Clients) / float64(cfg.Clients)
 		started++
 		go func() { // each result is received below
-			r, err := sendBatched(ctx, e, c)
+			r, err := e.send(ctx, c)
 			results <- out{r, err}
 		}()
 	}
@@ -573,44 +594,6 @@ func sendSplit(ctx context.Context, e *Env, cfg loadgen.SendConfig, n int) (load
 	return sum, errors.Join(errs...)
 }
 
-// sendBatched is Env.send with the per-turn batch size passed on.
-func sendBatched(ctx context.Context, e *Env, cfg loadgen.SendConfig) (loadgen.SendResult, error) {
-	out, err := os.CreateTemp(e.Lab.Dir(), "send-*.json")
-	if err != nil {
-		return loadgen.SendResult{}, err
-	}
-	path := out.Name()
-	_ = out.Close()
-	defer os.Remove(path)
-	args := []string{"send",
-		"-dst", cfg.Dst.String(), "-size", strconv.Itoa(cfg.Size),
-		"-duration", cfg.Duration.String(), "-src-port", strconv.Itoa(int(cfg.SrcPort)),
-		"-clients", strconv.Itoa(cfg.Clients), "-client-base", cfg.ClientBase.String(),
-		"-batch", strconv.Itoa(cfg.Batch), "-out", path,
-	}
-	if cfg.Rate > 0 {
-		args = append(args, "-rate", strconv.FormatFloat(cfg.Rate, 'f', 0, 64))
-	}
-	if cfg.MaxPackets > 0 {
-		args = append(args, "-max-packets", strconv.FormatUint(cfg.MaxPackets, 10))
-	}
-	// Opening 100,000 sockets (and finding their addresses) takes a while
-	// before the timed run starts.
-	ctx, cancel := context.WithTimeout(ctx, cfg.Duration+2*time.Minute)
-	defer cancel()
-	if outp, err := e.runHelper(ctx, args...); err != nil {
-		return loadgen.SendResult{}, fmt.Errorf("bench: send: %w (%s)", err, strings.TrimSpace(outp))
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return loadgen.SendResult{}, err
-	}
-	var res loadgen.SendResult
-	if err := json.Unmarshal(b, &res); err != nil {
-		return loadgen.SendResult{}, fmt.Errorf("bench: send result: %w", err)
-	}
-	return res, nil
-}
 
 // WriteTable prints the scale report.
 func (rep *ScaleReport) WriteTable(w io.Writer) error {

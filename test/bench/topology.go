@@ -204,7 +204,15 @@ func (e *Env) send(ctx context.Context, cfg loadgen.SendConfig) (loadgen.SendRes
 		args = append(args, "-probes", strconv.Itoa(cfg.Probes), "-probe-base", cfg.ProbeBase.String(),
 			"-probe-rate", strconv.FormatFloat(cfg.ProbeRate, 'f', 0, 64))
 	}
-	ctx, cancel := context.WithTimeout(ctx, cfg.Duration+30*time.Second)
+	if cfg.Batch > 0 {
+		args = append(args, "-batch", strconv.Itoa(cfg.Batch))
+	}
+	if cfg.MaxPackets > 0 {
+		args = append(args, "-max-packets", strconv.FormatUint(cfg.MaxPackets, 10))
+	}
+	// Opening 100,000 sockets (and finding their addresses) takes a while
+	// before the timed run starts.
+	ctx, cancel := context.WithTimeout(ctx, cfg.Duration+2*time.Minute)
 	defer cancel()
 	if outp, err := e.runHelper(ctx, args...); err != nil {
 		return loadgen.SendResult{}, fmt.Errorf("bench: send: %w (%s)", err, strings.TrimSpace(outp))
