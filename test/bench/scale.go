@@ -594,7 +594,6 @@ func sendSplit(ctx context.Context, e *Env, cfg loadgen.SendConfig, n int) (load
 	return sum, errors.Join(errs...)
 }
 
-
 // WriteTable prints the scale report.
 func (rep *ScaleReport) WriteTable(w io.Writer) error {
 	m := rep.Machine
