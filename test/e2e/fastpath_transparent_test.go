@@ -91,7 +91,7 @@ services:
   - name: vpn
     vip: %s
     forwarding_mode: transparent
-    persistence_timeout: 1h
+    persistence_timeout: 16s # touches every 4 s
     health_check: {type: none}
     backends: [{address: 10.0.0.11}, {address: 10.0.0.12}]
 `, i+1, fpAdmin, fptVIP)
@@ -126,7 +126,7 @@ services:
 		c.MustRun("ip", "addr", "add", fmt.Sprintf("198.51.100.%d/24", 100+i), "dev", "eth0")
 	}
 	p := lab.Start(c, "sessions", ikesim, "sessions", "--vip", fptVIP, "--clients", strconv.Itoa(clients),
-		"--source-base", "198.51.100.100", "--interval", "100ms", "--duration", "8s")
+		"--source-base", "198.51.100.100", "--interval", "100ms", "--duration", "12s")
 	Eventually(t, 10*time.Second, func() bool {
 		out, _ := lb1.Run("nft", "list", "map", "ip", "ikelb_fast", "aff_1")
 		last = out
@@ -143,6 +143,31 @@ services:
 		t.Fatal("no reply re-addressed by lb1's kernel")
 	}
 	t.Logf("all %d clients in lb1's map: userspace deliveries stayed at %d while the kernel forwarded %d → %d", clients, u1, k1, k2)
+
+	// Clients only the kernel forwards are touched (their map elements'
+	// counters move with the rewrite's lookup): last-seen moves on.
+	kernelOnly := time.Now()
+	Eventually(t, 8*time.Second, func() bool {
+		out, err := lb1.Run(ctl, "--addr", fpAdmin, "-o", "json", "affinity", "list", "--service", "vpn", "--all")
+		last = out
+		if err != nil {
+			return false
+		}
+		var resp struct {
+			Affinities []struct {
+				LastSeen time.Time `json:"last_seen"`
+			} `json:"affinities"`
+		}
+		if json.Unmarshal([]byte(out), &resp) != nil || len(resp.Affinities) != clients {
+			return false
+		}
+		for _, a := range resp.Affinities {
+			if !a.LastSeen.After(kernelOnly) {
+				return false
+			}
+		}
+		return true
+	}, func() string { return "kernel-forwarded clients not touched: " + last })
 
 	// Anycast: the backends now reply through lb2, which has no affinity
 	// and no conntrack entry for any of these clients.

@@ -501,7 +501,7 @@ func replySet(t *nftables.Table, s *fastService) *nftables.Set {
 // transparentRules are a transparent service's stateless rules (IPv4
 // only: fastEligible):
 //
-//	raw prerouting: ip daddr VIP udp dport @ports ip saddr @aff notrack counter fwd ip daddr set ip saddr map @aff
+//	raw prerouting: ip daddr VIP udp dport @ports ip daddr set ip saddr map @aff notrack counter fwd
 //	raw prerouting: ip saddr @bk udp sport @ports fib daddr type != local notrack
 //	forward:        ip saddr @bk udp sport @ports ct state untracked counter rep ip saddr set VIP
 //
@@ -535,15 +535,15 @@ func (k *nftFast) transparentRules(c *nftables.Conn, t *nftables.Table, s *fastS
 		&expr.Lookup{SourceRegister: 1, SetName: ports.Name, SetID: ports.ID},
 	})
 	// Requests of clients in the map (a miss ends the rule: userspace
-	// decides the client). The membership test first, then the map
-	// lookup for the rewrite: one lookup would do, but nft lists a bare
-	// map lookup into a register as nothing ("… notrack").
+	// decides the client): one map lookup straight into the rewrite (it
+	// also bumps the element's counter), then untracked and counted.
+	// notrack after the rewrite is the same: both happen in raw
+	// prerouting, before conntrack.
 	c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(toVIP(s, ports), saddr(s), []expr.Any{
-		&expr.Lookup{SourceRegister: 1, SetName: aff.Name, SetID: aff.ID},
-		&expr.Notrack{},
-		&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: fwdCounter(s)},
 		&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: aff.Name, SetID: aff.ID},
 		rewrite(dst),
+		&expr.Notrack{},
+		&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: fwdCounter(s)},
 	})})
 	// Replies: untracked when routed through (never the balancer's own
 	// traffic with the backend, e.g. health checks).
