@@ -34,11 +34,11 @@ type listener struct {
 	target []*flow // per batch slot: where it goes
 	tindex []int   // per batch slot: backend index
 
-	rb    *rawBatch // transparent: packets being built
+	rb *rawBatch // transparent: packets being built
 	// flows replaced during the batch being handled: closed once its
 	// datagrams are sent (earlier slots of the batch may still use them)
 	retired []*flow
-	ident uint32    // transparent: last IP fragment identification
+	ident   uint32 // transparent: last IP fragment identification
 
 	flowErrs    int // upstream sockets that failed to open since the last sweep
 	lastFlowErr error
