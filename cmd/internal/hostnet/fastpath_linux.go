@@ -12,7 +12,6 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
-	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -82,34 +81,13 @@ func repCounter(s *fastService) string { return "rep_" + strconv.FormatUint(uint
 // A transaction holds as many messages as it needs.
 const elemChunk = 512
 
-// conn opens an nftables connection whose socket can send a transaction of
-// about elems set elements at once: netlink refuses a sendmsg larger than
-// the socket's send buffer (EMSGSIZE past the default 208 KiB, i.e. about
-// 5,000 elements), so it is raised with SO_SNDBUFFORCE (CAP_NET_ADMIN,
-// which nftables needs anyway).
-func (k *nftFast) conn(elems int) (*nftables.Conn, error) {
-	need := 1<<20 + 64*elems
-	c, err := nftables.New(nftables.WithSockOptions(func(nc *mdnetlink.Conn) error {
-		if elems <= 2*elemChunk {
-			return nil
-		}
-		raw, err := nc.SyscallConn()
-		if err != nil {
-			return err
-		}
-		var serr error
-		if err := raw.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, need)
-		}); err != nil {
-			return err
-		}
-		return serr
-	}))
-	if err != nil {
-		return nil, wrap("nftables", err)
-	}
-	return c, nil
-}
+// txElems is the most set elements per transaction: netlink refuses a
+// sendmsg larger than the socket's send buffer (EMSGSIZE past the default
+// 208 KiB, about 5,000 elements). Raising the buffer past wmem_max needs
+// SO_SNDBUFFORCE, i.e. CAP_NET_ADMIN in the initial user namespace, which
+// a container may not have; so large changes go in several transactions
+// instead.
+const txElems = 4096
 
 // addElements adds elems to set in messages of at most elemChunk.
 func addElements(c *nftables.Conn, set *nftables.Set, elems []nftables.SetElement) error {
@@ -131,14 +109,25 @@ func deleteElements(c *nftables.Conn, set *nftables.Set, elems []nftables.SetEle
 	return nil
 }
 
+// install replaces the tables in one transaction that holds the rules and
+// the first txElems map elements; the rest follow in further
+// transactions (clients not in a map yet meanwhile reach the userspace
+// listener, which decides them the same way).
 func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error {
-	c, err := k.conn(len(elems))
+	c, err := nftables.New()
 	if err != nil {
-		return err
+		return wrap("nftables", err)
 	}
 	byService := map[uint32][]nftables.SetElement{}
+	var rest []mapOp
+	placed := 0
 	for key, b := range elems {
+		if placed >= txElems {
+			rest = append(rest, mapOp{svc: svcs[key.Service], client: key.Client.Netip(), backend: b})
+			continue
+		}
 		byService[key.Service] = append(byService[key.Service], nftables.SetElement{Key: key.Client.Netip().AsSlice(), Val: b.AsSlice()})
+		placed++
 	}
 	for _, v6 := range []bool{false, true} {
 		t := k.table(v6)
@@ -161,7 +150,7 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 	if err := c.Flush(); err != nil {
 		return wrap("nft table "+k.name, err)
 	}
-	return nil
+	return k.update(rest)
 }
 
 func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[uint32]*fastService, ids []uint32, byService map[uint32][]nftables.SetElement) error {
@@ -323,10 +312,24 @@ func ctDirection(d byte) []expr.Any {
 	}
 }
 
+// update applies ops in transactions of at most txElems (see txElems),
+// deletes before adds within each; a re-bind's delete and add are
+// adjacent in ops, so the delete is never applied after its add.
 func (k *nftFast) update(ops []mapOp) error {
-	c, err := k.conn(len(ops))
+	for len(ops) > 0 {
+		n := min(len(ops), txElems)
+		if err := k.updateTx(ops[:n]); err != nil {
+			return err
+		}
+		ops = ops[n:]
+	}
+	return nil
+}
+
+func (k *nftFast) updateTx(ops []mapOp) error {
+	c, err := nftables.New()
 	if err != nil {
-		return err
+		return wrap("nftables", err)
 	}
 	type batch struct {
 		set       *nftables.Set

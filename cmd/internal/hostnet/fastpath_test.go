@@ -258,9 +258,9 @@ func TestFastPathChild(t *testing.T) {
 	}
 
 	// Bulk: 20,000 bindings at once (a restore, a burst of new clients)
-	// reach the map through one transaction of many messages (one
-	// message holds about 2,000 elements, one default-sized socket buffer
-	// about 5,000), and so does a rebuild that installs them all.
+	// reach the map in transactions of 4,096 elements in messages of 512
+	// (one message holds about 2,000 elements, one default-sized socket
+	// buffer about 5,000), and so does a rebuild that installs them all.
 	for i := range 20000 {
 		tb.Put(key(fmt.Sprintf("10.3.%d.%d", i/250, 1+i%250)), dataplane.Entry{Backend: 2})
 	}
