@@ -149,29 +149,7 @@ services:
 	// Clients only the kernel forwards are touched (from their map
 	// elements' counters): their last-seen moves past this point while
 	// userspace sees none of their packets.
-	kernelOnly := time.Now()
-	Eventually(t, 8*time.Second, func() bool {
-		out, err := ctlRun("-o", "json", "affinity", "list", "--service", "vpn", "--all")
-		last = out
-		if err != nil {
-			return false
-		}
-		var resp struct {
-			Affinities []struct {
-				Client   string    `json:"client"`
-				LastSeen time.Time `json:"last_seen"`
-			} `json:"affinities"`
-		}
-		if json.Unmarshal([]byte(out), &resp) != nil || len(resp.Affinities) != clients {
-			return false
-		}
-		for _, a := range resp.Affinities {
-			if !a.LastSeen.After(kernelOnly) {
-				return false
-			}
-		}
-		return true
-	}, func() string { return "kernel-forwarded clients not touched: " + last })
+	waitTouchedSince(t, lb, ctl, "vpn", clients, time.Now())
 	if u := userspace(); u != u1 {
 		t.Fatalf("userspace deliveries rose from %d to %d while every client was in the map", u1, u)
 	}
@@ -279,4 +257,33 @@ services:
 	if out, err := lb.Run("nft", "list", "tables"); err != nil || strings.Contains(out, "ikelb_fast") {
 		t.Fatalf("after stop: %v %s", err, out)
 	}
+}
+
+// waitTouchedSince waits (8 s at most) until each of the service's n
+// affinities on ns's ikelbd has a last-seen after since: clients the
+// kernel fast path forwards are still touched.
+func waitTouchedSince(t *testing.T, ns *netns.NS, ctl, service string, n int, since time.Time) {
+	t.Helper()
+	var last string
+	Eventually(t, 8*time.Second, func() bool {
+		out, err := ns.Run(ctl, "--addr", fpAdmin, "-o", "json", "affinity", "list", "--service", service, "--all")
+		last = out
+		if err != nil {
+			return false
+		}
+		var resp struct {
+			Affinities []struct {
+				LastSeen time.Time `json:"last_seen"`
+			} `json:"affinities"`
+		}
+		if json.Unmarshal([]byte(out), &resp) != nil || len(resp.Affinities) != n {
+			return false
+		}
+		for _, a := range resp.Affinities {
+			if !a.LastSeen.After(since) {
+				return false
+			}
+		}
+		return true
+	}, func() string { return "kernel-forwarded clients not touched: " + last })
 }

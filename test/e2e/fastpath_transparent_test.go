@@ -146,28 +146,7 @@ services:
 
 	// Clients only the kernel forwards are touched (their map elements'
 	// counters move with the rewrite's lookup): last-seen moves on.
-	kernelOnly := time.Now()
-	Eventually(t, 8*time.Second, func() bool {
-		out, err := lb1.Run(ctl, "--addr", fpAdmin, "-o", "json", "affinity", "list", "--service", "vpn", "--all")
-		last = out
-		if err != nil {
-			return false
-		}
-		var resp struct {
-			Affinities []struct {
-				LastSeen time.Time `json:"last_seen"`
-			} `json:"affinities"`
-		}
-		if json.Unmarshal([]byte(out), &resp) != nil || len(resp.Affinities) != clients {
-			return false
-		}
-		for _, a := range resp.Affinities {
-			if !a.LastSeen.After(kernelOnly) {
-				return false
-			}
-		}
-		return true
-	}, func() string { return "kernel-forwarded clients not touched: " + last })
+	waitTouchedSince(t, lb1, ctl, "vpn", clients, time.Now())
 
 	// Anycast: the backends now reply through lb2, which has no affinity
 	// and no conntrack entry for any of these clients.
