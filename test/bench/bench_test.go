@@ -177,3 +177,19 @@ func TestForwardingSmoke(t *testing.T) {
 		}
 	}
 }
+
+func TestCPUBusy(t *testing.T) {
+	if _, err := os.Stat("/proc/stat"); err != nil {
+		t.Skip("no /proc/stat")
+	}
+	b0, err := cpuBusy("0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b0 <= 0 {
+		t.Fatalf("cpu0 busy %v since boot", b0)
+	}
+	if _, err := cpuBusy("999"); err == nil {
+		t.Fatal("no error for a CPU that does not exist")
+	}
+}

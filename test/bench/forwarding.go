@@ -172,6 +172,10 @@ func measureRate(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.
 		if _, err := env.sinks(ctx, loadgen.CmdReset); err != nil {
 			return err
 		}
+		busy0, err := cpuBusy(env.BalancerCPU)
+		if err != nil {
+			return err
+		}
 		sent, err := env.send(ctx, load)
 		if err != nil {
 			return err
@@ -180,7 +184,14 @@ func measureRate(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.
 		if err != nil {
 			return err
 		}
+		busy1, err := cpuBusy(env.BalancerCPU)
+		if err != nil {
+			return err
+		}
 		run := Run{Sent: sent.Sent, Received: got.Packets, Bad: got.Bad, SendErrors: sent.SendErrors}
+		if got.Packets > 0 {
+			run.BalancerNsPerPkt = float64(busy1-busy0) / float64(got.Packets)
+		}
 		// The socket sink times its first and last datagram; kernel
 		// counters have no times, so their window is the sender's.
 		w := got.Window()
@@ -199,6 +210,16 @@ func measureRate(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.
 	r.Runs = runs
 	med := medianRun(runs)
 	r.RxPPS, r.RxMbps, r.TxPPS = med.RxPPS, med.RxMbps, med.TxPPS
+	costs := make([]float64, 0, len(runs))
+	for _, x := range runs {
+		if x.BalancerNsPerPkt > 0 {
+			costs = append(costs, x.BalancerNsPerPkt)
+		}
+	}
+	if len(costs) > 0 {
+		slices.Sort(costs)
+		r.BalancerNsPerPkt = costs[len(costs)/2]
+	}
 	if med.Sent > 0 {
 		r.Loss = 1 - float64(min(med.Received, med.Sent))/float64(med.Sent)
 	}
@@ -271,6 +292,9 @@ func fillRatios(rs []Result) {
 		}
 		if n := find(NFTables{}, r.Size); n != nil && n.RxPPS > 0 {
 			r.VsNFT = r.RxPPS / n.RxPPS
+			if n.BalancerNsPerPkt > 0 && r.BalancerNsPerPkt > 0 {
+				r.CapacityVsNFT = n.BalancerNsPerPkt / r.BalancerNsPerPkt
+			}
 			if n.Latency.P99us > 0 && r.Latency.Echoed > 0 {
 				r.P99VsNFT = r.Latency.P99us / n.Latency.P99us
 			}

@@ -38,6 +38,13 @@ type Result struct {
 	Baseline    Latency `json:"baseline_latency"`
 	AddedP50us  float64 `json:"added_p50_us"`
 	AddedP99us  float64 `json:"added_p99_us"`
+	// BalancerNsPerPkt is the balancer CPU's busy time (its process and
+	// the kernel's packet work, /proc/stat) per datagram received at the
+	// backends, median of the rate runs; CapacityVsNFT is nftables' cost
+	// over this one: the rate one balancer core would reach relative to
+	// nftables, whatever the generator managed to offer.
+	BalancerNsPerPkt float64 `json:"balancer_ns_per_datagram,omitempty"`
+	CapacityVsNFT    float64 `json:"capacity_vs_nftables,omitempty"`
 	// P99VsNFT is the RTT p99 relative to nftables' at the same size, each
 	// at half its own rate (the issue's "p99 ≤ 2× nftables'").
 	P99VsNFT float64 `json:"p99_vs_nftables,omitempty"`
@@ -52,6 +59,8 @@ type Run struct {
 	TxPPS      float64 `json:"tx_pps"`
 	RxPPS      float64 `json:"rx_pps"`
 	RxMbps     float64 `json:"rx_mbit_s"`
+	// BalancerNsPerPkt: see Result.
+	BalancerNsPerPkt float64 `json:"balancer_ns_per_datagram,omitempty"`
 }
 
 // Latency summarises the probes' round trips.
@@ -121,11 +130,11 @@ func (r *Report) WriteTable(w io.Writer) error {
 	fmt.Fprintf(w, "machine: %s, %d cores, kernel %s, %s; generator+sinks on CPU %s, balancer on CPU %s (RPS %v); %d clients\n\n",
 		m.CPU, m.Cores, m.Kernel, m.Go, m.GenCPU, m.BalancerCPU, m.RPS, r.Clients)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "target\tsize\trx kpps\tMbit/s\tloss\t×nft\t×nginx\tRTT p50 µs\tRTT p99 µs\tp99 ×nft\tadded p50 µs\tadded p99 µs\t")
+	fmt.Fprintln(tw, "target\tsize\trx kpps\tMbit/s\tloss\t×nft\t×nginx\tCPU ns/dgram\tcapacity ×nft\tRTT p50 µs\tRTT p99 µs\tp99 ×nft\tadded p50 µs\tadded p99 µs\t")
 	var missing []string
 	for _, x := range r.Results {
 		if !x.Available {
-			fmt.Fprintf(tw, "%s\t%d\tn/a\t\t\t\t\t\t\t\t\t\t\n", x.Target, x.Size)
+			fmt.Fprintf(tw, "%s\t%d\tn/a\t\t\t\t\t\t\t\t\t\t\t\t\n", x.Target, x.Size)
 			if m := fmt.Sprintf("%s: not available: %s", x.Target, oneLine(strings.TrimPrefix(x.Reason, ErrUnavailable.Error()+": "), 300)); !slices.Contains(missing, m) {
 				missing = append(missing, m)
 			}
@@ -137,8 +146,13 @@ func (r *Report) WriteTable(w io.Writer) error {
 			p50, p99 = fmt.Sprintf("%.0f", x.Latency.P50us), fmt.Sprintf("%.0f", x.Latency.P99us)
 			lat, added = fmt.Sprintf("%+.0f", x.AddedP50us), fmt.Sprintf("%+.0f", x.AddedP99us)
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.0f\t%.1f%%\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
-			x.Target, x.Size, x.RxPPS/1000, x.RxMbps, 100*x.Loss, ratio(x.VsNFT), ratio(x.VsNginx), p50, p99, ratio(x.P99VsNFT), lat, added)
+		cost := "-"
+		if x.BalancerNsPerPkt > 0 {
+			cost = fmt.Sprintf("%.0f", x.BalancerNsPerPkt)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.0f\t%.1f%%\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+			x.Target, x.Size, x.RxPPS/1000, x.RxMbps, 100*x.Loss, ratio(x.VsNFT), ratio(x.VsNginx), cost, ratio(x.CapacityVsNFT),
+			p50, p99, ratio(x.P99VsNFT), lat, added)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -151,6 +165,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 	}
 	fmt.Fprintf(w, "\nrx = counted at the backends (median of runs); Mbit/s of UDP payload; loss = not received / sent at full open-loop load.\n")
 	fmt.Fprintf(w, "RTT = client → balancer → backend echo → balancer → client at half the target's rate; added = RTT − routing-only RTT at the same rate.\n")
+	fmt.Fprintf(w, "CPU ns/dgram = the balancer CPU's busy time (/proc/stat: its process and the kernel's packet work) per datagram received; capacity ×nft = nftables' ns/dgram ÷ the target's: the rate one balancer core would reach relative to nftables, whatever the generator offered.\n")
 	fmt.Fprintf(w, "took %v\n", r.Took.Round(time.Second))
 	return nil
 }
