@@ -47,7 +47,7 @@
 // carries any packet; the same map maintenance):
 //
 //	set bk_ID { every backend of the VIP's family, whatever its state }
-//	raw prerouting:  ip daddr VIP udp dport @ports_ID ip daddr set ip saddr map @aff_ID notrack counter fwd_ID
+//	raw prerouting:  ip daddr VIP udp dport @ports_ID ip daddr set ip saddr map @aff_ID notrack counter fwd_ID accept
 //	raw prerouting:  ip saddr @bk_ID udp sport @ports_ID fib daddr type != local notrack
 //	forward:         ip saddr @bk_ID udp sport @ports_ID ct state untracked counter rep_ID ip saddr set VIP
 //

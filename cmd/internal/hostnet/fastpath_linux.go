@@ -504,7 +504,7 @@ func replySet(t *nftables.Table, s *fastService) *nftables.Set {
 // transparentRules are a transparent service's stateless rules (IPv4
 // only: fastEligible):
 //
-//	raw prerouting: ip daddr VIP udp dport @ports ip daddr set ip saddr map @aff notrack counter fwd
+//	raw prerouting: ip daddr VIP udp dport @ports ip daddr set ip saddr map @aff notrack counter fwd accept
 //	raw prerouting: ip saddr @bk udp sport @ports fib daddr type != local notrack
 //	forward:        ip saddr @bk udp sport @ports ct state untracked counter rep ip saddr set VIP
 //
@@ -547,6 +547,9 @@ func (k *nftFast) transparentRules(c *nftables.Conn, t *nftables.Table, s *fastS
 		rewrite(dst),
 		&expr.Notrack{},
 		&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: fwdCounter(s)},
+		// Done with this chain: the reply rules below need not look
+		// the request up again.
+		&expr.Verdict{Kind: expr.VerdictAccept},
 	})})
 	// Replies: untracked when routed through (never the balancer's own
 	// traffic with the backend, e.g. health checks).

@@ -220,7 +220,7 @@ func TestFastPathChild(t *testing.T) {
 	// The transparent service: stateless rules, no DNAT/SNAT.
 	mustContain(t, "nft table", string(out),
 		"set bk_8 { type ipv4_addr elements = { 10.0.0.21, 10.0.0.22 } }",
-		"ip daddr 10.0.100.2 udp dport @ports_8 ip daddr set ip saddr map @aff_8 notrack counter name \"fwd_8\"",
+		"ip daddr 10.0.100.2 udp dport @ports_8 ip daddr set ip saddr map @aff_8 notrack counter name \"fwd_8\" accept",
 		"ip saddr @bk_8 udp sport @ports_8 fib daddr type != local notrack",
 		"ip saddr @bk_8 udp sport @ports_8 ct state untracked counter name \"rep_8\" ip saddr set 10.0.100.2",
 	)
