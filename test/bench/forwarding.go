@@ -23,6 +23,11 @@ type ForwardingConfig struct {
 	// Duration of each rate measurement, repeated Repeats times (median).
 	Duration time.Duration
 	Repeats  int
+	// Rate caps the rate runs' offered load (datagrams/s; 0: open loop,
+	// as fast as the generator goes). With every target below its
+	// capacity, the balancer CPU per datagram compares their per-packet
+	// cost cleanly.
+	Rate float64
 	// Warmup runs at full rate before the measurements (establishes
 	// sessions, flows and ARP entries).
 	Warmup time.Duration
@@ -163,7 +168,7 @@ func measureRate(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.
 	if _, err := env.send(ctx, load); err != nil {
 		return err
 	}
-	load.Duration = cfg.Duration
+	load.Duration, load.Rate = cfg.Duration, cfg.Rate
 	var runs []Run
 	for range cfg.Repeats {
 		if _, err := env.drained(ctx); err != nil { // let the warm-up or last run finish
