@@ -207,7 +207,7 @@ func (v *VRRP) StartKeepalived(n *Node) *netns.Proc {
 			t.Fatalf("topo: %v", err)
 		}
 	}
-	if v.cfg.ReadyWatcher != nil {
+	if v.cfg.ReadyWatcher != nil { // v.mu is held
 		args := append(v.cfg.ReadyWatcher(n), "--track-file", v.trackFile(n))
 		v.watcher[n] = n.Start("ready-watcher-"+n.Name, netns.Spec{Args: args})
 	}
@@ -298,6 +298,15 @@ func (v *VRRP) StopKeepalived(n *Node) {
 	case <-p.Done():
 	case <-time.After(10 * time.Second):
 		t.Fatalf("topo: keepalived in %s did not stop on SIGTERM", n.Name)
+	}
+	v.mu.Lock()
+	w := v.watcher[n]
+	v.mu.Unlock()
+	if w != nil { // StartKeepalived starts a new one
+		if err := w.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, netns.ErrExited) {
+			t.Fatal(err)
+		}
+		<-w.Done()
 	}
 }
 
