@@ -20,6 +20,7 @@ var (
 	sizes    = flag.String("sizes", "", "comma-separated datagram sizes (default 64,1400)")
 	duration = flag.Duration("duration", 0, "length of each rate run (default 2s)")
 	repeats  = flag.Int("repeats", 0, "rate runs per target and size (default 3)")
+	gsoBatch = flag.Int("gso", 16, "forwarding: send the rate runs' load as UDP GSO writes of this many datagrams per client turn (2..64; the kernel cuts them on the client side), so that one generator core saturates the balancer's; 0: one sendmmsg of separate datagrams")
 	offered  = flag.Float64("rate", 0, "forwarding: offered datagrams/s of the rate runs (default 0: open loop); below every target's capacity, CPU ns/dgram compares per-packet cost")
 	count    = flag.String("count", CountKernel, "where load is counted at the backends: kernel (nft counter) or socket (recvmmsg sink)")
 )
@@ -74,6 +75,7 @@ func TestForwarding(t *testing.T) {
 		}
 	}
 	cfg.Rate = *offered
+	cfg.GSO, cfg.GSOBatch = *gsoBatch > 1, *gsoBatch
 	if *duration > 0 {
 		cfg.Duration = *duration
 	}

@@ -28,6 +28,10 @@ type ForwardingConfig struct {
 	// capacity, the balancer CPU per datagram compares their per-packet
 	// cost cleanly.
 	Rate float64
+	// GSO sends the load as UDP GSO writes of GSOBatch datagrams per
+	// client turn (loadgen -gso): the generator offers more per core.
+	GSO      bool
+	GSOBatch int
 	// Warmup runs at full rate before the measurements (establishes
 	// sessions, flows and ARP entries).
 	Warmup time.Duration
@@ -164,6 +168,9 @@ func measureRate(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.
 	load := loadgen.SendConfig{
 		Dst: dst, ClientBase: ClientBase, Clients: cfg.Clients, SrcPort: ClientPort,
 		Size: r.Size, Duration: cfg.Warmup,
+	}
+	if cfg.GSO {
+		load.GSO, load.Batch = true, cfg.GSOBatch
 	}
 	if _, err := env.send(ctx, load); err != nil {
 		return err

@@ -103,6 +103,9 @@ func NewEnv(tb testing.TB, helper string, n int, count string) *Env {
 	e.Client = lab.AddNS("cli")
 	e.Balancer = lab.AddNS("lb")
 	lab.Link(e.Client, "c0", "10.0.1.2/24", e.Balancer, "l0", "10.0.1.1/24")
+	// A UDP GSO write (loadgen -gso) is cut into datagrams on the client's
+	// side, so the balancer sees one packet per datagram.
+	e.Client.IP("link", "set", "dev", "c0", "gso_max_segs", "1")
 	e.Client.IP("route", "add", "local", ClientNet.String(), "dev", "lo")
 	e.Client.DefaultRoute("10.0.1.1")
 	e.Client.RPFilterOff()
@@ -206,6 +209,9 @@ func (e *Env) send(ctx context.Context, cfg loadgen.SendConfig) (loadgen.SendRes
 	}
 	if cfg.Batch > 0 {
 		args = append(args, "-batch", strconv.Itoa(cfg.Batch))
+	}
+	if cfg.GSO {
+		args = append(args, "-gso")
 	}
 	if cfg.MaxPackets > 0 {
 		args = append(args, "-max-packets", strconv.FormatUint(cfg.MaxPackets, 10))

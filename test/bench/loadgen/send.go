@@ -32,6 +32,13 @@ type SendConfig struct {
 	Rate float64
 	// Batch is the most datagrams per sendmmsg; 0 means 64.
 	Batch int
+	// GSO, above 1, sends each client turn's Batch datagrams as one UDP
+	// GSO write (UDP_SEGMENT) that the kernel cuts into datagrams of Size
+	// (at most maxGSOSegments): far fewer system calls per datagram, so one
+	// core can offer more than a kernel forwarding path takes. The client
+	// interface must segment in software (gso_max_segs 1), or the balancer
+	// receives the unsegmented packets.
+	GSO bool
 	// SrcPort is every client's source port; 0 picks ephemeral ones. A
 	// fixed port (each client has its own address) makes every run reuse
 	// the same flows, so balancers measure their steady state.
@@ -114,6 +121,8 @@ func (c *SendConfig) validate() error {
 		return fmt.Errorf("%w: duration must be positive", ErrConfig)
 	case c.Probes > 0 && c.ProbeRate <= 0:
 		return fmt.Errorf("%w: probes need a probe rate", ErrConfig)
+	case c.GSO && c.Batch > maxGSOSegments:
+		return fmt.Errorf("%w: batch %d: GSO takes at most %d datagrams per write", ErrConfig, c.Batch, maxGSOSegments)
 	}
 	return nil
 }
@@ -157,6 +166,13 @@ func Send(ctx context.Context, cfg SendConfig) (SendResult, error) {
 		return SendResult{}, err
 	}
 	defer closeAll(load)
+	if cfg.GSO {
+		for _, c := range load {
+			if err := setGSO(c, cfg.Size); err != nil {
+				return SendResult{}, fmt.Errorf("loadgen: UDP_SEGMENT: %w", err)
+			}
+		}
+	}
 	probes, err := dial(cfg.ProbeBase, cfg.Probes, cfg.SrcPort, cfg.Dst)
 	if err != nil {
 		return SendResult{}, err
@@ -210,6 +226,10 @@ func sendLoad(ctx context.Context, conns []*net.UDPConn, cfg SendConfig, start t
 	for i := range msgs {
 		msgs[i].Buffers = [][]byte{make([]byte, cfg.Size)}
 	}
+	var gso []byte // with cfg.GSO: the turn's datagrams back to back
+	if cfg.GSO {
+		gso = make([]byte, batch*cfg.Size)
+	}
 	var seq uint64
 	done := ctx.Done()
 	for k := 0; ; k = (k + 1) % len(pcs) {
@@ -240,6 +260,19 @@ func sendLoad(ctx context.Context, conns []*net.UDPConn, cfg SendConfig, start t
 			n = min(n, uint64(due))
 		}
 		spi := uint32(spiBase + k)
+		if gso != nil {
+			size := uint64(cfg.Size)
+			for i := range n {
+				putHeader(gso[i*size:(i+1)*size], spi, KindLoad, seq+i, 0)
+			}
+			if _, err := conns[k].Write(gso[:n*size]); err != nil {
+				errs++
+				continue
+			}
+			sent += n
+			seq += n
+			continue
+		}
 		for i := range n {
 			putHeader(msgs[i].Buffers[0], spi, KindLoad, seq+i, 0)
 		}
