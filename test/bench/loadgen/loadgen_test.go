@@ -45,12 +45,18 @@ func waitPackets(t *testing.T, s *Sink, want uint64) SinkStats {
 	}
 }
 
+// Every datagram sent is received whole, also when written as UDP GSO
+// sends (the kernel cuts them into datagrams of Size).
 func TestSendCountsEveryDatagram(t *testing.T) {
-	for _, size := range []int{64, 1400} {
+	for _, c := range []struct {
+		size int
+		gso  bool
+	}{{64, false}, {1400, false}, {64, true}, {1400, true}} {
+		size := c.size
 		s, dst := startSink(t)
 		cfg := SendConfig{
 			Dst: dst, ClientBase: netip.MustParseAddr("127.1.0.1"), Clients: 10,
-			Size: size, Duration: 5 * time.Second, MaxPackets: 2000, Batch: 16,
+			Size: size, Duration: 5 * time.Second, MaxPackets: 2000, Batch: 16, GSO: c.gso,
 		}
 		res, err := Send(context.Background(), cfg)
 		if err != nil {
@@ -193,6 +199,7 @@ func TestConfigRejected(t *testing.T) {
 		"nobody":     func(c *SendConfig) { c.Clients = 0 },
 		"duration":   func(c *SendConfig) { c.Duration = 0 },
 		"probe rate": func(c *SendConfig) { c.Probes, c.ProbeBase = 1, netip.MustParseAddr("127.2.0.1") },
+		"gso batch":  func(c *SendConfig) { c.GSO, c.Batch = true, maxGSOSegments+1 },
 	} {
 		c := good
 		mut(&c)
