@@ -440,11 +440,20 @@ func bindPasses(ctx context.Context, env *Env, want, maxPasses int, pass func() 
 	return time.Since(start), maxPasses, fmt.Errorf("bench: %d of %d clients bound after %d passes", int(bound), want, maxPasses)
 }
 
+// scrapeIkelb returns the metrics text of the balancer's ikelbd.
+func scrapeIkelb(env *Env) (string, error) {
+	out, err := env.Balancer.Run("curl", "-sS", "--max-time", "5", "http://"+ikelbMetricsAddr+"/metrics")
+	if err != nil {
+		return "", fmt.Errorf("bench: metrics: %w: %s", err, oneLine(out, 200))
+	}
+	return out, nil
+}
+
 // ikelbGauge reads one unlabelled metric of the balancer's ikelbd.
 func ikelbGauge(env *Env, name string) (float64, error) {
-	out, err := env.Balancer.Run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:7451/metrics")
+	out, err := scrapeIkelb(env)
 	if err != nil {
-		return 0, fmt.Errorf("bench: metrics: %w: %s", err, oneLine(out, 200))
+		return 0, err
 	}
 	for _, l := range strings.Split(out, "\n") {
 		if v, ok := strings.CutPrefix(l, name+" "); ok {
@@ -458,9 +467,9 @@ func ikelbGauge(env *Env, name string) (float64, error) {
 // load went: committed affinities, datagrams forwarded (kernel and
 // userspace), drops and dropped proposals.
 func ikelbMetrics(env *Env) string {
-	out, err := env.Balancer.Run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:7451/metrics")
+	out, err := scrapeIkelb(env)
 	if err != nil {
-		return "metrics: " + oneLine(out, 200)
+		return err.Error()
 	}
 	var keep []string
 	for _, l := range strings.Split(out, "\n") {

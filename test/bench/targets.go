@@ -171,6 +171,10 @@ type Ikelb struct {
 	proc *netns.Proc
 }
 
+// ikelbMetricsAddr is where the balancer's ikelbd serves metrics, inside
+// the balancer's namespace (the suites read them to bind clients first).
+const ikelbMetricsAddr = "127.0.0.1:7451"
+
 func (k *Ikelb) Name() string { return "ikelb " + k.Mode }
 
 func (k *Ikelb) Start(ctx context.Context, env *Env) (netip.AddrPort, error) {
@@ -185,7 +189,7 @@ func (k *Ikelb) Start(ctx context.Context, env *Env) (netip.AddrPort, error) {
 	fmt.Fprintf(&b, `node: bench-%s
 data_dir: %s
 admin_address: 127.0.0.1:7450
-metrics_address: 127.0.0.1:7451
+metrics_address: %s
 log_level: info
 raft:
   bind_address: 127.0.0.1:7452
@@ -196,7 +200,7 @@ services:
     forwarding_mode: %s
     health_check: {type: none}
     backends:
-`, k.Mode, filepath.Join(dir, "data"), VIP, k.Mode)
+`, k.Mode, filepath.Join(dir, "data"), ikelbMetricsAddr, VIP, k.Mode)
 	for _, a := range env.BackendAddrs {
 		fmt.Fprintf(&b, "      - address: %s\n", a)
 	}

@@ -10,6 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protojson"
+
+	ikelbv1 "github.com/ikelb/ikelb/proto/ikelb/v1"
 	"github.com/ikelb/ikelb/test/netns"
 )
 
@@ -83,23 +86,7 @@ func TestFastPathNAT(t *testing.T) {
 	}
 }`)
 
-	cfg := fmt.Sprintf(`node: lb1
-data_dir: ./data
-admin_address: %s
-metrics_address: ""
-log_level: debug
-raft:
-  bind_address: 127.0.0.1:0
-dataplane:
-  kernel_fast_path: true
-services:
-  - name: vpn
-    vip: %s
-    forwarding_mode: nat
-    persistence_timeout: 16s # touches every 4 s
-    health_check: {type: none}
-    backends: [{address: 10.0.0.11}, {address: 10.0.0.12}]
-`, fpAdmin, fpVIP)
+	cfg := fastPathConfig("lb1", "nat", fpVIP)
 	d := StartDaemon(t, "ikelbd-fastpath", fpAdmin, cfg, "ip", "netns", "exec", lb.Name())
 	ctlRun := func(args ...string) (string, error) {
 		return lb.Run(append([]string{ctl, "--addr", fpAdmin}, args...)...)
@@ -271,19 +258,39 @@ func waitTouchedSince(t *testing.T, ns *netns.NS, ctl, service string, n int, si
 		if err != nil {
 			return false
 		}
-		var resp struct {
-			Affinities []struct {
-				LastSeen time.Time `json:"last_seen"`
-			} `json:"affinities"`
-		}
-		if json.Unmarshal([]byte(out), &resp) != nil || len(resp.Affinities) != n {
+		resp := &ikelbv1.ListAffinitiesResponse{}
+		if protojson.Unmarshal([]byte(out), resp) != nil || len(resp.GetAffinities()) != n {
 			return false
 		}
-		for _, a := range resp.Affinities {
-			if !a.LastSeen.After(since) {
+		for _, a := range resp.GetAffinities() {
+			if !a.GetLastSeen().AsTime().After(since) {
 				return false
 			}
 		}
 		return true
 	}, func() string { return "kernel-forwarded clients not touched: " + last })
+}
+
+// fastPathConfig is the ikelbd config of a fast path test node: one
+// service of the mode on vip with the two responders, the kernel fast
+// path on, and a persistence timeout short enough that kernel-forwarded
+// clients are touched every 4 s.
+func fastPathConfig(node, mode, vip string) string {
+	return fmt.Sprintf(`node: %s
+data_dir: ./data
+admin_address: %s
+metrics_address: ""
+log_level: debug
+raft:
+  bind_address: 127.0.0.1:0
+dataplane:
+  kernel_fast_path: true
+services:
+  - name: vpn
+    vip: %s
+    forwarding_mode: %s
+    persistence_timeout: 16s # touches every 4 s
+    health_check: {type: none}
+    backends: [{address: 10.0.0.11}, {address: 10.0.0.12}]
+`, node, fpAdmin, vip, mode)
 }

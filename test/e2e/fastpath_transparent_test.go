@@ -78,23 +78,7 @@ func TestFastPathTransparent(t *testing.T) {
 
 	var daemons []*Daemon
 	for i, lb := range lbs {
-		cfg := fmt.Sprintf(`node: lb%d
-data_dir: ./data
-admin_address: %s
-metrics_address: ""
-log_level: debug
-raft:
-  bind_address: 127.0.0.1:0
-dataplane:
-  kernel_fast_path: true
-services:
-  - name: vpn
-    vip: %s
-    forwarding_mode: transparent
-    persistence_timeout: 16s # touches every 4 s
-    health_check: {type: none}
-    backends: [{address: 10.0.0.11}, {address: 10.0.0.12}]
-`, i+1, fpAdmin, fptVIP)
+		cfg := fastPathConfig(fmt.Sprintf("lb%d", i+1), "transparent", fptVIP)
 		daemons = append(daemons, StartDaemon(t, fmt.Sprintf("ikelbd-fpt%d", i+1), fpAdmin, cfg, "ip", "netns", "exec", lb.Name()))
 	}
 	var last string
