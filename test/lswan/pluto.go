@@ -348,13 +348,7 @@ func (p *Pluto) Log() string { return p.proc.Log() }
 
 // CountLog returns how many lines of pluto's log contain substr.
 func (p *Pluto) CountLog(substr string) int {
-	n := 0
-	for line := range strings.Lines(p.proc.Log()) {
-		if strings.Contains(line, substr) {
-			n++
-		}
-	}
-	return n
+	return p.proc.CountLog(substr)
 }
 
 // Stop stops pluto: SIGTERM, then SIGKILL to its process group after 5s.

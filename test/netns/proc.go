@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 )
 
@@ -127,6 +128,18 @@ func (p *Proc) Log() string {
 		return ""
 	}
 	return string(b)
+}
+
+// CountLog returns how many lines of the process's output so far contain
+// substr.
+func (p *Proc) CountLog(substr string) int {
+	n := 0
+	for line := range strings.Lines(p.Log()) {
+		if strings.Contains(line, substr) {
+			n++
+		}
+	}
+	return n
 }
 
 // Signal sends sig to the process (not its group).
