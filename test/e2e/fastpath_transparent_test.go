@@ -102,7 +102,11 @@ func TestFastPathTransparent(t *testing.T) {
 		}
 	}
 	userspace := func() uint64 { return nftCounter(t, lb1, "chain", "ip", "userspace", "input") }
-	fwd := func(lb *netns.NS) uint64 { return nftCounter(t, lb, "counter", "ip", "ikelb_fast", "fwd_1") }
+	// Requests the kernel forwards: at ingress (the netdev stage), or in
+	// the IP stack's raw-prerouting rewrite (what ingress passes on).
+	ingress := func(lb *netns.NS) uint64 { return nftCounter(t, lb, "counter", "netdev", "ikelb_fast", "in_1") }
+	raw := func(lb *netns.NS) uint64 { return nftCounter(t, lb, "counter", "ip", "ikelb_fast", "fwd_1") }
+	fwd := func(lb *netns.NS) uint64 { return ingress(lb) + raw(lb) }
 	rep := func(lb *netns.NS) uint64 { return nftCounter(t, lb, "counter", "ip", "ikelb_fast", "rep_1") }
 
 	const clients = 20
@@ -122,6 +126,15 @@ func TestFastPathTransparent(t *testing.T) {
 	u2, k2 := userspace(), fwd(lb1)
 	if u2 != u1 {
 		t.Fatalf("userspace deliveries rose from %d to %d while every client was in the map (kernel %d → %d)", u1, u2, k1, k2)
+	}
+	// Every one of these fits the MTU, is no fragment and arrives on a
+	// hooked interface: the ingress stage takes them all, the IP stack's
+	// rules none.
+	r1, i1 := raw(lb1), ingress(lb1)
+	Eventually(t, 5*time.Second, func() bool { return ingress(lb1) > i1+uint64(clients)*5 },
+		func() string { return fmt.Sprintf("lb1's ingress counter not rising: %d → %d", i1, ingress(lb1)) })
+	if r := raw(lb1); r != r1 {
+		t.Fatalf("the IP stack's rewrite forwarded %d requests the ingress stage should have taken", r-r1)
 	}
 	if r := rep(lb1); r == 0 {
 		t.Fatal("no reply re-addressed by lb1's kernel")
@@ -186,14 +199,15 @@ func TestFastPathTransparent(t *testing.T) {
 		}
 		return n
 	}
-	u3, k3 := userspace(), fwd(lb1)
+	// The ingress stage leaves fragments to the IP stack.
+	u3, k3, i3 := userspace(), raw(lb1), ingress(lb1)
 	c.MustRun("bash", "-c", "printf '%03000d' 0 > /dev/udp/"+fptVIP+"/4500")
 	Eventually(t, 5*time.Second, func() bool { return big() == 1 },
 		func() string {
-			return fmt.Sprintf("the fragmented datagram did not reach a backend whole (big %d, kernel %d → %d)", big(), k3, fwd(lb1))
+			return fmt.Sprintf("the fragmented datagram did not reach a backend whole (big %d, kernel %d → %d)", big(), k3, raw(lb1))
 		})
-	if u, k := userspace(), fwd(lb1); u != u3 || k != k3+1 {
-		t.Fatalf("fragmented datagram: userspace %d → %d, kernel %d → %d; want only the kernel's +1", u3, u, k3, k)
+	if u, k, i := userspace(), raw(lb1), ingress(lb1); u != u3 || k != k3+1 || i != i3 {
+		t.Fatalf("fragmented datagram: userspace %d → %d, raw rewrite %d → %d, ingress %d → %d; want only the raw rewrite's +1", u3, u, k3, k, i3, i)
 	}
 
 	// The admin API counts the kernel's packets with the service's (as of

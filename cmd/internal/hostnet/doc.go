@@ -51,6 +51,14 @@
 //	raw prerouting:  ip saddr @bk_ID udp sport @ports_ID fib daddr type != local notrack
 //	forward:         ip saddr @bk_ID udp sport @ports_ID ct state untracked counter rep_ID ip saddr set VIP
 //
+// and, when the host has an Ethernet-like interface and a unicast route to
+// a usable backend, an ingress stage in table "netdev ikelb_fast" that
+// forwards those requests before the IP stack (ingress_linux.go; what it
+// does not take, the raw rewrite above forwards):
+//
+//	chain in_DEV (per interface): ip daddr VIP udp dport @ports_ID meta pkttype host ip frag-off & 0x3fff == 0 ip ttl > 1 meta length <= MTU
+//	                               ip daddr set ip saddr map @aff_ID counter in_ID fwd ip to ip daddr map @nhop device ip daddr map @odev
+//
 // Dataplane leaves a transparent service out of Manager's TPROXY rule once
 // the fast path has installed these rules for it (TPROXY at mangle
 // priority would divert the replies before forward), and puts it back if

@@ -199,6 +199,10 @@ type fastKernel interface {
 	activity(s *fastService) (map[netip.Addr]uint64, error)
 	// remove deletes the table.
 	remove() error
+	// refresh reads the host's interfaces and routes again for the
+	// installed rules: routes it updates itself; true asks for a
+	// reinstall (the rules depend on what changed).
+	refresh(svcs map[uint32]*fastService) (bool, error)
 	// forwards reports whether the kernel forwards the family (the fast
 	// path needs it and does not turn it on).
 	forwards(v6 bool) bool
@@ -253,7 +257,7 @@ func NewFastPath(cfg FastPathConfig) (*FastPath, error) {
 	if cfg.Logger == nil || cfg.Table == nil {
 		return nil, fmt.Errorf("%w: fast path needs a logger and a table", ErrInvalidConfig)
 	}
-	k, err := newFastKernel(cfg.NFTTable)
+	k, err := newFastKernel(cfg.NFTTable, cfg.Logger)
 	if err != nil {
 		return nil, err
 	}
@@ -410,6 +414,9 @@ type fastState struct {
 	// whose count moved was forwarded since.
 	packets map[dataplane.ClientKey]uint64
 	keys    []dataplane.ClientKey // Take's buffer
+	// refreshErr is the last refresh error logged (logged again only
+	// when it changes).
+	refreshErr string
 }
 
 func (f *FastPath) run(ctx context.Context) {
@@ -702,6 +709,18 @@ func (f *FastPath) rebuild(st *fastState, old map[uint32]*fastService) {
 func (f *FastPath) poll(st *fastState) {
 	if !st.installed {
 		return
+	}
+	if again, err := f.kernel.refresh(st.svcs); err != nil {
+		if msg := err.Error(); msg != st.refreshErr {
+			f.log.Warn("fast path: reading interfaces and routes failed", "error", err)
+			st.refreshErr = msg
+		}
+	} else if st.refreshErr = ""; again {
+		f.log.Info("fast path: interfaces changed; reinstalling the rules")
+		f.rebuild(st, st.svcs)
+		if !st.installed {
+			return
+		}
 	}
 	f.readCounters(st.svcs)
 	if f.cfg.Proposer == nil {

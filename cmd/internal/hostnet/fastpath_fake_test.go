@@ -20,6 +20,9 @@ type fakeKernel struct {
 	elems      map[dataplane.ClientKey]netip.Addr
 	installErr error
 	forgotten  []mapOp
+	installs   int
+	// rehook: the next refresh reports changed interfaces.
+	rehook bool
 }
 
 func newFakeKernel() *fakeKernel {
@@ -32,6 +35,7 @@ func (k *fakeKernel) install(svcs map[uint32]*fastService, elems map[dataplane.C
 	if k.installErr != nil {
 		return k.installErr
 	}
+	k.installs++
 	k.present, k.svcs, k.elems = true, svcs, map[dataplane.ClientKey]netip.Addr{}
 	for key, a := range elems {
 		k.elems[key] = a
@@ -74,6 +78,14 @@ func (k *fakeKernel) remove() error {
 }
 
 func (k *fakeKernel) forwards(bool) bool { return true }
+
+func (k *fakeKernel) refresh(map[uint32]*fastService) (bool, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	again := k.rehook
+	k.rehook = false
+	return again, nil
+}
 
 func (k *fakeKernel) snapshot() (present bool, elems map[dataplane.ClientKey]netip.Addr, forgotten int) {
 	k.mu.Lock()
@@ -210,5 +222,41 @@ func TestFastPathForwards(t *testing.T) {
 	}
 	if fp.Forwards(key(7, "10.1.0.1")) {
 		t.Fatal("forwards after Close")
+	}
+}
+
+// TestFastPathReinstallsWhenInterfacesChange: a poll whose refresh reports
+// changed interfaces reinstalls the rules with the whole map (the ingress
+// stage hooks every interface; a new one needs a chain of its own).
+func TestFastPathReinstallsWhenInterfacesChange(t *testing.T) {
+	a := netip.MustParseAddr
+	tb := dataplane.NewTable()
+	key := dataplane.ClientKey{Service: 7, Client: dataplane.AddrFrom(a("10.1.0.1"))}
+	tb.Put(key, dataplane.Entry{Backend: 1})
+	k := newFakeKernel()
+	fp := startFastPath(FastPathConfig{Logger: slogDiscard, Table: tb, Poll: 5 * time.Millisecond}, k)
+	defer fp.Close()
+	fp.transparent(fp.setServices([]dataplane.Service{{ID: 7, Mode: dataplane.ModeTransparent, VIP: a("10.0.100.1"), Ports: []uint16{4500},
+		Backends: []dataplane.Backend{{ID: 1, Addr: a("10.0.0.11"), Weight: 1, State: dataplane.StateActive}}}}), 5*time.Second)
+	time.Sleep(50 * time.Millisecond) // ten polls: no change, no reinstall
+	k.mu.Lock()
+	before := k.installs
+	k.rehook = true
+	k.mu.Unlock()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		k.mu.Lock()
+		n, elems := k.installs, k.elems[key]
+		k.mu.Unlock()
+		if n == before+1 && elems == a("10.0.0.11") {
+			break
+		}
+		if n > before+1 || time.Now().After(deadline) {
+			t.Fatalf("installs %d → %d (want one more), map element %v", before, n, elems)
+		}
+		time.Sleep(5 * time.Millisecond) // polling the fast path's goroutine, with a deadline
+	}
+	if before != 1 {
+		t.Fatalf("%d installs before the change, want 1: a refresh without change reinstalled", before)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"slices"
@@ -21,13 +22,18 @@ import (
 // nftFast is the fast path's nftables and conntrack side.
 type nftFast struct {
 	name string
+	log  *slog.Logger
+	// plan is the ingress stage installed (inactive: none); tried is the
+	// last one install attempted, so that a failed one is not retried
+	// at every poll, only when the interfaces change.
+	plan, tried ingressPlan
 }
 
-func newFastKernel(name string) (fastKernel, error) {
+func newFastKernel(name string, log *slog.Logger) (fastKernel, error) {
 	if !forwards(false) && !forwards(true) {
 		return nil, fmt.Errorf("%w: ip forwarding is off (net.ipv4.conf.all.forwarding and net.ipv6.conf.all.forwarding are 0)", ErrFastPathUnavailable)
 	}
-	k := &nftFast{name: name}
+	k := &nftFast{name: name, log: log}
 	if err := k.remove(); err != nil { // a table left by a killed run
 		return nil, fmt.Errorf("%w: %w", ErrFastPathUnavailable, err)
 	}
@@ -114,6 +120,11 @@ func deleteElements(c *nftables.Conn, set *nftables.Set, elems []nftables.SetEle
 // transactions (clients not in a map yet meanwhile reach the userspace
 // listener, which decides them the same way).
 func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error {
+	plan, err := planIngress(svcs)
+	if err != nil {
+		k.log.Warn("fast path: no ingress stage for transparent services", "error", err)
+	}
+	k.tried, k.plan = plan, ingressPlan{}
 	c, err := nftables.New()
 	if err != nil {
 		return wrap("nftables", err)
@@ -122,12 +133,13 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 	var rest []mapOp
 	placed := 0
 	for key, b := range elems {
+		s := svcs[key.Service]
 		if placed >= txElems {
-			rest = append(rest, mapOp{svc: svcs[key.Service], client: key.Client.Netip(), backend: b})
+			rest = append(rest, mapOp{svc: s, client: key.Client.Netip(), backend: b})
 			continue
 		}
 		byService[key.Service] = append(byService[key.Service], nftables.SetElement{Key: key.Client.Netip().AsSlice(), Val: b.AsSlice()})
-		placed++
+		placed += k.weight(s, plan)
 	}
 	for _, v6 := range []bool{false, true} {
 		t := k.table(v6)
@@ -147,10 +159,34 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 			return err
 		}
 	}
+	nd := k.netdevTable()
+	c.AddTable(nd)
+	c.DelTable(nd)
+	if plan.active() {
+		if err := k.ingressObjects(c, svcs, plan, byService); err != nil {
+			return err
+		}
+	}
 	if err := c.Flush(); err != nil {
 		return wrap("nft table "+k.name, err)
 	}
+	if plan.active() {
+		if err := k.setupIngress(svcs, plan); err != nil {
+			k.log.Warn("fast path: no ingress stage for transparent services; the IP stack's rules forward their clients", "error", err)
+		} else {
+			k.plan = plan
+		}
+	}
 	return k.update(rest)
+}
+
+// weight is how many map elements one of s's clients takes: two when the
+// ingress stage holds a copy of its map.
+func (k *nftFast) weight(s *fastService, p ingressPlan) int {
+	if s != nil && s.transparent && p.active() {
+		return 2
+	}
+	return 1
 }
 
 func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[uint32]*fastService, ids []uint32, byService map[uint32][]nftables.SetElement) error {
@@ -170,18 +206,8 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 
 	for _, id := range ids {
 		s := svcs[id]
-		ports, aff := portsSet(t, s), affMap(t, s)
-		var pe []nftables.SetElement
-		for _, p := range s.ports {
-			pe = append(pe, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
-		}
-		if err := c.AddSet(ports, pe); err != nil {
-			return wrap("nft set "+ports.Name, err)
-		}
-		if err := c.AddSet(aff, nil); err != nil {
-			return wrap("nft map "+aff.Name, err)
-		}
-		if err := addElements(c, aff, byService[id]); err != nil {
+		ports, aff, err := addServiceSets(c, t, s, byService[id])
+		if err != nil {
 			return err
 		}
 		c.AddObj(&nftables.CounterObj{Table: t, Name: fwdCounter(s)})
@@ -229,6 +255,26 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 		})})
 	}
 	return nil
+}
+
+// addServiceSets adds s's port set and its affinity map holding elems to
+// table t in c's transaction.
+func addServiceSets(c *nftables.Conn, t *nftables.Table, s *fastService, elems []nftables.SetElement) (ports, aff *nftables.Set, err error) {
+	ports, aff = portsSet(t, s), affMap(t, s)
+	var pe []nftables.SetElement
+	for _, p := range s.ports {
+		pe = append(pe, nftables.SetElement{Key: binaryutil.BigEndian.PutUint16(p)})
+	}
+	if err := c.AddSet(ports, pe); err != nil {
+		return nil, nil, wrap("nft set "+ports.Name, err)
+	}
+	if err := c.AddSet(aff, nil); err != nil {
+		return nil, nil, wrap("nft map "+aff.Name, err)
+	}
+	if err := addElements(c, aff, elems); err != nil {
+		return nil, nil, err
+	}
+	return ports, aff, nil
 }
 
 func concat(parts ...[]expr.Any) []expr.Any {
@@ -317,7 +363,11 @@ func ctDirection(d byte) []expr.Any {
 // adjacent in ops, so the delete is never applied after its add.
 func (k *nftFast) update(ops []mapOp) error {
 	for len(ops) > 0 {
-		n := min(len(ops), txElems)
+		n, w := 0, 0
+		for n < len(ops) && w < txElems {
+			w += k.weight(ops[n].svc, k.plan)
+			n++
+		}
 		if err := k.updateTx(ops[:n]); err != nil {
 			return err
 		}
@@ -335,12 +385,15 @@ func (k *nftFast) updateTx(ops []mapOp) error {
 		set       *nftables.Set
 		del, adds []nftables.SetElement
 	}
-	batches := map[uint32]*batch{}
-	for _, op := range ops {
-		b := batches[op.svc.id]
+	batches := map[*nftables.Table]map[uint32]*batch{}
+	add := func(t *nftables.Table, op mapOp) {
+		if batches[t] == nil {
+			batches[t] = map[uint32]*batch{}
+		}
+		b := batches[t][op.svc.id]
 		if b == nil {
-			b = &batch{set: affMap(k.table(op.svc.v6()), op.svc)}
-			batches[op.svc.id] = b
+			b = &batch{set: affMap(t, op.svc)}
+			batches[t][op.svc.id] = b
 		}
 		if op.backend.IsValid() {
 			b.adds = append(b.adds, nftables.SetElement{Key: op.client.AsSlice(), Val: op.backend.AsSlice()})
@@ -348,14 +401,29 @@ func (k *nftFast) updateTx(ops []mapOp) error {
 			b.del = append(b.del, nftables.SetElement{Key: op.client.AsSlice()})
 		}
 	}
-	for _, b := range batches { // deletes first: a re-bind is a delete and an add
-		if err := deleteElements(c, b.set, b.del); err != nil {
-			return err
+	ip4, ip6, nd := k.table(false), k.table(true), k.netdevTable()
+	for _, op := range ops {
+		if op.svc.v6() {
+			add(ip6, op)
+		} else {
+			add(ip4, op)
+		}
+		if op.svc.transparent && k.plan.active() {
+			add(nd, op)
 		}
 	}
-	for _, b := range batches {
-		if err := addElements(c, b.set, b.adds); err != nil {
-			return err
+	for _, bs := range batches { // deletes first: a re-bind is a delete and an add
+		for _, b := range bs {
+			if err := deleteElements(c, b.set, b.del); err != nil {
+				return err
+			}
+		}
+	}
+	for _, bs := range batches {
+		for _, b := range bs {
+			if err := addElements(c, b.set, b.adds); err != nil {
+				return err
+			}
 		}
 	}
 	if err := c.Flush(); err != nil {
@@ -418,15 +486,12 @@ func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounter
 		return nil, wrap("nftables", err)
 	}
 	out := map[uint32]FastCounters{}
-	for _, v6 := range []bool{false, true} {
-		if !hasFamily(svcs, v6) {
-			continue
-		}
-		objs, err := c.GetObjects(k.table(v6))
+	byName := map[string][2]uint64{}
+	read := func(t *nftables.Table) error {
+		objs, err := c.GetObjects(t)
 		if err != nil {
-			return nil, wrap("nft counters", err)
+			return wrap("nft counters", err)
 		}
-		byName := map[string][2]uint64{}
 		for _, o := range objs {
 			switch o := o.(type) {
 			case *nftables.CounterObj:
@@ -437,13 +502,27 @@ func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounter
 				}
 			}
 		}
-		for id, s := range svcs {
-			if s.v6() != v6 {
-				continue
+		return nil
+	}
+	for _, v6 := range []bool{false, true} {
+		if hasFamily(svcs, v6) {
+			if err := read(k.table(v6)); err != nil {
+				return nil, err
 			}
-			f, r := byName[fwdCounter(s)], byName[repCounter(s)]
-			out[id] = FastCounters{Packets: f[0], Bytes: f[1], ReplyPackets: r[0], ReplyBytes: r[1]}
 		}
+	}
+	ingress := map[string][2]uint64{}
+	if k.plan.active() {
+		ip := byName
+		byName = ingress
+		if err := read(k.netdevTable()); err != nil {
+			return nil, err
+		}
+		byName = ip
+	}
+	for id, s := range svcs {
+		f, r, in := byName[fwdCounter(s)], byName[repCounter(s)], ingress[inCounter(s)]
+		out[id] = FastCounters{Packets: f[0] + in[0], Bytes: f[1] + in[1], ReplyPackets: r[0], ReplyBytes: r[1]}
 	}
 	return out, nil
 }
@@ -453,18 +532,27 @@ func (k *nftFast) activity(s *fastService) (map[netip.Addr]uint64, error) {
 	if err != nil {
 		return nil, wrap("nftables", err)
 	}
-	set := affMap(k.table(s.v6()), s)
-	elems, err := c.GetSetElements(set)
-	if err != nil {
-		return nil, wrap("nft map "+set.Name, err)
+	tables := []*nftables.Table{k.table(s.v6())}
+	if s.transparent && k.plan.active() {
+		tables = append(tables, k.netdevTable())
 	}
-	out := make(map[netip.Addr]uint64, len(elems))
-	for _, e := range elems {
-		a, ok := netip.AddrFromSlice(e.Key)
-		if !ok || e.Counter == nil {
-			continue
+	var out map[netip.Addr]uint64
+	for _, t := range tables {
+		set := affMap(t, s)
+		elems, err := c.GetSetElements(set)
+		if err != nil {
+			return nil, wrap("nft map "+set.Name, err)
 		}
-		out[a] = e.Counter.Packets
+		if out == nil {
+			out = make(map[netip.Addr]uint64, len(elems))
+		}
+		for _, e := range elems {
+			a, ok := netip.AddrFromSlice(e.Key)
+			if !ok || e.Counter == nil {
+				continue
+			}
+			out[a] += e.Counter.Packets
+		}
 	}
 	return out, nil
 }
@@ -474,14 +562,14 @@ func (k *nftFast) remove() error {
 	if err != nil {
 		return wrap("nftables", err)
 	}
-	for _, v6 := range []bool{false, true} {
-		t := k.table(v6)
+	for _, t := range []*nftables.Table{k.table(false), k.table(true), k.netdevTable()} {
 		c.AddTable(t) // so that the delete succeeds when there is none
 		c.DelTable(t)
 	}
 	if err := c.Flush(); err != nil {
 		return wrap("delete nft tables "+k.name, err)
 	}
+	k.plan, k.tried = ingressPlan{}, ingressPlan{}
 	return nil
 }
 

@@ -2,8 +2,11 @@
 
 package hostnet
 
-import "fmt"
+import (
+	"fmt"
+	"log/slog"
+)
 
-func newFastKernel(string) (fastKernel, error) {
+func newFastKernel(string, *slog.Logger) (fastKernel, error) {
 	return nil, fmt.Errorf("%w: %w", ErrFastPathUnavailable, ErrUnsupported)
 }

@@ -1,7 +1,9 @@
 package hostnet
 
 import (
+	"encoding/binary"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -153,6 +155,15 @@ func TestFastPathChild(t *testing.T) {
 		t.Fatalf("nft: %v %s", err, out)
 	}
 
+	// Two interfaces, and the transparent backends on lan0's subnet:
+	// the ingress stage hooks both and sends to the backends directly.
+	runIP(t, [][]string{
+		{"link", "add", "name", "lan0", "type", "veth", "peer", "name", "lan1"},
+		{"addr", "add", "10.0.0.1/24", "dev", "lan0"},
+		{"link", "set", "lan0", "up"},
+		{"link", "set", "lan1", "up"},
+	})
+
 	a := netip.MustParseAddr
 	tb := dataplane.NewTable()
 	key := func(c string) dataplane.ClientKey {
@@ -227,6 +238,7 @@ func TestFastPathChild(t *testing.T) {
 	if strings.Contains(string(out), "stale") || strings.Count(string(out), "10.0.100.2") != 2 {
 		t.Fatalf("stale chain, or the transparent service in the nat rules:\n%s", out)
 	}
+	testIngress(t)
 
 	// Delete, re-bind, a new binding.
 	tb.Delete(key("10.1.0.1"))
@@ -352,4 +364,90 @@ func TestFastPathChild(t *testing.T) {
 		t.Fatalf("Close left: %v\n%s", err, out)
 	}
 	tb.Put(key("10.1.0.9"), dataplane.Entry{Backend: 2}) // no observer any more: must not block or panic
+}
+
+// nftFlat lists args with nft (empty if it fails), whitespace collapsed.
+func nftFlat(args ...string) string {
+	out, err := exec.Command("nft", append([]string{"list"}, args...)...).CombinedOutput()
+	if err != nil {
+		return ""
+	}
+	return space.ReplaceAllString(string(out), " ")
+}
+
+// waitNFT polls until nft list args shows every one of want.
+func waitNFT(t *testing.T, args []string, want ...string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	var got string
+	for time.Now().Before(deadline) {
+		got = nftFlat(args...)
+		if got != "" && !slices.ContainsFunc(want, func(w string) bool { return !strings.Contains(got, w) }) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond) // polling the kernel's state, with a deadline
+	}
+	t.Fatalf("nft list %v:\n%s\nwant %q", args, got, want)
+}
+
+// nftIfindex is how nft lists the odev value of interface name: in host
+// order as fwd reads it, which nft (missing the set's data-byteorder
+// userdata, which github.com/google/nftables cannot write) takes as big
+// endian.
+func nftIfindex(t *testing.T, name string) uint32 {
+	t.Helper()
+	ifc, err := net.InterfaceByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return binary.BigEndian.Uint32(binary.NativeEndian.AppendUint32(nil, uint32(ifc.Index)))
+}
+
+// testIngress checks the transparent service's ingress stage (service 8
+// of TestFastPathChild, client 10.1.0.9 → 10.0.0.21 on lan0): a chain per
+// interface with the rule, the map copy, the next hops; then a route
+// change and a new interface.
+func testIngress(t *testing.T) {
+	table := []string{"table", "netdev", DefaultFastNFTTable}
+	rule := "udp dport @ports_8 meta pkttype host ip frag-off & 16383 == 0 ip ttl > 1 meta length <= 1500 " +
+		"ip daddr set ip saddr map @aff_8 counter name \"in_8\" fwd ip to ip daddr map @nhop device ip daddr map @odev"
+	waitNFT(t, table,
+		"chain in_lan0 { type filter hook ingress device \"lan0\" priority filter; policy accept; ip daddr 10.0.100.2 "+rule,
+		"chain in_lan1 { type filter hook ingress device \"lan1\" priority filter; policy accept; ip daddr 10.0.100.2 "+rule,
+		"map aff_8 { type ipv4_addr : ipv4_addr counter elements = { 10.1.0.9 counter packets 0 bytes 0 : 10.0.0.21 }",
+		"map nhop { type ipv4_addr : ipv4_addr elements = { 10.0.0.21 : 10.0.0.21 }",
+		fmt.Sprintf("map odev { type ipv4_addr : iface_index elements = { 10.0.0.21 : %d }", nftIfindex(t, "lan0")),
+		"counter in_8 {",
+	)
+	if out := nftFlat(table...); strings.Contains(out, "10.0.100.1") || strings.Contains(out, "chain in_lo") {
+		t.Fatalf("ingress stage holds the nat service or hooks lo:\n%s", out)
+	}
+	// A route through a gateway: the next hop follows at the next poll.
+	if out, err := exec.Command("ip", "route", "add", "10.0.0.21/32", "via", "10.0.0.5", "dev", "lan0").CombinedOutput(); err != nil {
+		t.Fatalf("ip route: %v %s", err, out)
+	}
+	waitNFT(t, []string{"map", "netdev", DefaultFastNFTTable, "nhop"}, "10.0.0.21 : 10.0.0.5")
+	// A new interface: hooked after a reinstall, the map still whole.
+	runIP(t, [][]string{
+		{"link", "add", "name", "up0", "type", "veth", "peer", "name", "up1"},
+		{"link", "set", "up0", "mtu", "1400"},
+		{"link", "set", "up0", "up"},
+		{"link", "set", "up1", "up"},
+	})
+	waitNFT(t, table, "chain in_up0 { type filter hook ingress device \"up0\"", "chain in_up1 {",
+		"10.1.0.9 counter packets 0 bytes 0 : 10.0.0.21", "10.0.0.21 : 10.0.0.5")
+	// Only the routes' interfaces bound the length: up0 carries no route.
+	if out := nftFlat(table...); !strings.Contains(out, "meta length <= 1500") {
+		t.Fatalf("length bound changed by an interface no backend is routed through:\n%s", out)
+	}
+}
+
+// runIP runs ip with each of cmds' arguments in turn.
+func runIP(t *testing.T, cmds [][]string) {
+	t.Helper()
+	for _, args := range cmds {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v %s", args, err, out)
+		}
+	}
 }
