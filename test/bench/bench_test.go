@@ -16,7 +16,7 @@ import (
 var (
 	suite    = flag.String("suite", "", "benchmark suite to run: forwarding (needs root; about 5 minutes)")
 	out      = flag.String("out", "forwarding-results.json", "file for the JSON results of -suite")
-	targets  = flag.String("targets", "", "comma-separated subset of targets: routing,nftables,nginx,ikelb-nat,ikelb-transparent")
+	targets  = flag.String("targets", "", "comma-separated subset of targets: routing,nftables,nftables-masq,nginx,ikelb-nat,ikelb-transparent")
 	sizes    = flag.String("sizes", "", "comma-separated datagram sizes (default 64,1400)")
 	duration = flag.Duration("duration", 0, "length of each rate run (default 2s)")
 	repeats  = flag.Int("repeats", 0, "rate runs per target and size (default 3)")
@@ -114,6 +114,9 @@ func TestForwarding(t *testing.T) {
 func shortName(t Target) string {
 	switch t := t.(type) {
 	case NFTables:
+		if t.Masquerade {
+			return "nftables-masq"
+		}
 		return "nftables"
 	case *Nginx:
 		return "nginx"

@@ -42,11 +42,11 @@ type ForwardingConfig struct {
 	ProbeRate       float64
 }
 
-// DefaultForwarding is the full suite: about 5 minutes.
+// DefaultForwarding is the full suite: about 6 minutes.
 func DefaultForwarding(buildIkelbd func() (string, error)) ForwardingConfig {
 	return ForwardingConfig{
 		Targets: []Target{
-			Routing{}, NFTables{}, &Nginx{},
+			Routing{}, NFTables{}, NFTables{Masquerade: true}, &Nginx{},
 			&Ikelb{Mode: "nat", Binary: buildIkelbd},
 			&Ikelb{Mode: "transparent", Binary: buildIkelbd},
 		},

@@ -52,24 +52,40 @@ func (Routing) Stop(*Env) error { return nil }
 // client's source address, in ONE rule with a fixed seed so that both ports
 // of a client reach the same backend. Replies return through the balancer
 // (the backends' gateway), where conntrack reverses the DNAT; no masquerade.
-type NFTables struct{}
+// With Masquerade, the DNATed flows also leave from the balancer's address,
+// as ikelb's nat mode does (the servers need no route back through the
+// balancer): the kernel path of what nat mode does.
+type NFTables struct{ Masquerade bool }
 
-func (NFTables) Name() string { return "nftables dnat jhash" }
+func (n NFTables) Name() string {
+	if n.Masquerade {
+		return "nftables dnat+masq"
+	}
+	return "nftables dnat jhash"
+}
 
 const nftTable = "ikelb_bench"
 
-func (NFTables) Start(_ context.Context, env *Env) (netip.AddrPort, error) {
+func (n NFTables) Start(_ context.Context, env *Env) (netip.AddrPort, error) {
 	var m []string
 	for i, a := range env.BackendAddrs {
 		m = append(m, fmt.Sprintf("%d : %s", i, a))
+	}
+	masq := ""
+	if n.Masquerade {
+		masq = `
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		ct status dnat ct original ip daddr ` + VIP.String() + ` masquerade
+	}`
 	}
 	rules := fmt.Sprintf(`table ip %s {
 	chain prerouting {
 		type nat hook prerouting priority dstnat; policy accept;
 		ip daddr %s udp dport { 500, 4500 } dnat to jhash ip saddr mod %d seed 0x1ce1b map { %s }
-	}
+	}%s
 }
-`, nftTable, VIP, len(m), strings.Join(m, ", "))
+`, nftTable, VIP, len(m), strings.Join(m, ", "), masq)
 	path := filepath.Join(env.Lab.Dir(), "nftables-target.nft")
 	if err := os.WriteFile(path, []byte(rules), 0o644); err != nil {
 		return netip.AddrPort{}, err
