@@ -318,12 +318,19 @@ func (e *Engine) Counters() []ServiceCounters {
 func (e *Engine) Flows() int { return int(e.flowCount.Load()) }
 
 // KernelPath is a kernel fast path that forwards some clients without the
-// engine (cmd/internal/hostnet's FastPath). Forwards is called from the
-// listeners' goroutines (once per idle flow and sweep, never per packet)
-// and must not block.
+// engine (cmd/internal/hostnet's FastPath). Its methods are called from
+// the listeners' goroutines (per flow at most every 100 ms while it gets
+// datagrams, and at sweeps) and must not block.
 type KernelPath interface {
 	// Forwards reports whether the kernel forwards k's datagrams now.
 	Forwards(k ClientKey) bool
+	// Handover is told the nat flows that still get datagrams although
+	// the kernel forwards their client: they arrive through a conntrack
+	// entry made before the client's binding reached the kernel, and
+	// would keep doing so while the entry lives. The kernel path deletes
+	// that entry (client → local, the listener's VIP:port), so that the
+	// next datagram is decided by the kernel.
+	Handover(client, local netip.AddrPort)
 }
 
 // SetKernelPath tells the engine which clients the kernel forwards, so

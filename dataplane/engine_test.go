@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"runtime"
@@ -434,10 +435,27 @@ func TestEngineFlowExpiry(t *testing.T) {
 	h.send(c, 0, []byte{2}) // a new flow
 }
 
-// kernelClients is a KernelPath forwarding a fixed set of clients.
+// kernelClients is a KernelPath forwarding a fixed set of clients; it
+// records the handovers.
 type kernelClients struct {
-	mu   sync.Mutex
-	keys map[ClientKey]bool
+	mu        sync.Mutex
+	keys      map[ClientKey]bool
+	handovers map[[2]netip.AddrPort]int
+}
+
+func (k *kernelClients) Handover(client, local netip.AddrPort) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.handovers == nil {
+		k.handovers = map[[2]netip.AddrPort]int{}
+	}
+	k.handovers[[2]netip.AddrPort{client, local}]++
+}
+
+func (k *kernelClients) handedOver() map[[2]netip.AddrPort]int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return maps.Clone(k.handovers)
 }
 
 func (k *kernelClients) Forwards(c ClientKey) bool {
@@ -457,6 +475,20 @@ func TestEngineHandoverClosesFlows(t *testing.T) {
 	h.send(userspace, 0, []byte{1})
 	if n := h.e.Flows(); n != 2 {
 		t.Fatalf("%d flows, want 2", n)
+	}
+	// While the kernel client's datagrams still reach the listener (a
+	// conntrack entry from before its binding reached the kernel), its
+	// flow is handed over; it stays open.
+	want := [2]netip.AddrPort{kernel.LocalAddr().(*net.UDPAddr).AddrPort(), h.vipPort(0)}
+	for i := range 10 {
+		h.send(kernel, 0, []byte{byte(2 + i)})
+		time.Sleep(20 * time.Millisecond) // 200 ms: past a handover check (every 100 ms), within the 50 ms HandoverIdle
+	}
+	if got := kp.handedOver(); got[want] == 0 || len(got) != 1 {
+		t.Fatalf("handovers %v, want only %v", got, want)
+	}
+	if n := h.e.Flows(); n != 2 {
+		t.Fatalf("%d flows while the kernel client is active, want 2", n)
 	}
 	waitFor(t, "the kernel client's flow to close", func() bool { return h.e.Flows() == 1 })
 	time.Sleep(200 * time.Millisecond) // several sweeps past HandoverIdle: the userspace client's flow (1 h timeout) stays

@@ -29,6 +29,8 @@ type flow struct {
 
 	// owned by the listener goroutine
 	pacing pacing
+	// handoverAt: when the flow last asked the kernel path (coarse Unix ns).
+	handoverAt int64
 
 	// shared with the reply goroutine
 	lastActive atomic.Int64 // coarse Unix ns of the last datagram either way

@@ -156,6 +156,9 @@ func (l *listener) handleBatch(b *batch, n int, now int64) {
 		if f.lastActive.Load() != now {
 			f.lastActive.Store(now)
 		}
+		if f.up != nil && now-f.handoverAt >= int64(handoverEvery) {
+			l.handover(f, sv, fk, p.addr, now)
+		}
 		l.target[i], l.tindex[i] = f, d.backend
 		t.backends[d.backend].packets++
 		t.backends[d.backend].bytes += uint64(p.n)
@@ -185,6 +188,19 @@ func (l *listener) handleBatch(b *batch, n int, now int64) {
 	}
 	t.flush(sv)
 	l.closeRetired()
+}
+
+// handoverEvery: how often a nat flow that still gets datagrams asks
+// whether the kernel forwards its client.
+const handoverEvery = 100 * time.Millisecond
+
+// handover tells the kernel path about a nat flow whose client it
+// forwards but whose datagrams still reach the listener (KernelPath).
+func (l *listener) handover(f *flow, sv *serviceView, fk flowKey, client netip.AddrPort, now int64) {
+	f.handoverAt = now
+	if kp, ok := l.engine.kernel.Load(); ok && kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}) {
+		kp.Handover(client, l.addr)
+	}
 }
 
 // closeRetired closes the upstreams of the flows replaced during the batch.

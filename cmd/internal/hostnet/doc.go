@@ -36,12 +36,18 @@
 // and keeps per nat service
 //
 //	map aff_ID { client → backend }   exactly the committed affinities whose backend is Usable; a counter per element
-//	raw prerouting:  ip daddr VIP udp dport @ports_ID ip saddr @aff_ID counter fwd_ID accept
-//	raw prerouting:  ip daddr VIP udp dport @ports_ID notrack
-//	raw output:      ip saddr VIP udp sport @ports_ID notrack
 //	nat prerouting:  ip daddr VIP udp dport @ports_ID dnat to ip saddr map @aff_ID
 //	nat postrouting: ct status dnat ct original ip daddr VIP ct original proto-dst @ports_ID masquerade (or snat to SNAT)
-//	forward:         ct direction reply, the same ct match: counter rep_ID
+//
+// Both are consulted once per conntrack entry: no rule of ikelb's sees a
+// nat client's later packets. A client not in the map gets a conntrack
+// entry to the userspace listener; once its binding is in the map, the
+// engine's listener hands the flow over (FastPath.Handover, conntrack_linux.go:
+// that entry is deleted by its reply tuple) and the next datagram takes
+// the DNAT rule. The nat clients' packet counts and activity (touches)
+// come from conntrack dumps with per-entry accounting, which the fast
+// path turns on (net.netfilter.nf_conntrack_acct=1): at most every 5 s
+// for the counters, every second when touches are due.
 //
 // and per transparent service (stateless: no conntrack, so any node
 // carries any packet; the same map maintenance):
@@ -69,11 +75,13 @@
 // changes are applied in one nft transaction per batch (BatchDelay or
 // BatchMax); a client whose backend leaves the map (removed, re-bound, no
 // longer Usable) also loses its conntrack entries to the VIP, so its next
-// packet goes to userspace (or the new backend); clients the kernel
+// packet goes to userspace (or the new backend); an install forgets every
+// conntrack entry to the nat VIPs (stale ones from a previous run or rule
+// set would otherwise keep deciding their clients); clients the kernel
 // forwards are touched (Proposer) every min(Timeout/4, 30 s), read from
-// their elements' counters (the lookup bumps them: no per-packet set
-// update); Close
-// removes both tables. Why the rules look like this: dataplane/DESIGN.md
+// their elements' counters for transparent services (the lookup bumps
+// them: no per-packet set update) and from conntrack for nat ones; Close
+// removes the tables. Why the rules look like this: dataplane/DESIGN.md
 // "Kernel fast path".
 //
 // Dataplane wraps a *dataplane.Engine so that every committed service set

@@ -182,6 +182,10 @@ type mapOp struct {
 	forget bool
 }
 
+// ctFlow is a conntrack entry's original direction: client → local
+// (a listener's VIP:port).
+type ctFlow struct{ client, local netip.AddrPort }
+
 // fastKernel is the nftables and conntrack side (fastpath_linux.go).
 type fastKernel interface {
 	// install replaces the whole table with the rules of svcs and the
@@ -199,6 +203,8 @@ type fastKernel interface {
 	activity(s *fastService) (map[netip.Addr]uint64, error)
 	// remove deletes the table.
 	remove() error
+	// handover deletes the conntrack entries of flows (by exact tuple).
+	handover(flows []ctFlow) error
 	// refresh reads the host's interfaces and routes again for the
 	// installed rules: routes it updates itself; true asks for a
 	// reinstall (the rules depend on what changed).
@@ -226,6 +232,9 @@ type FastPath struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	wake   chan struct{} // capacity 1: a new service set is pending
+	// handovers: flows whose conntrack entries the goroutine deletes
+	// (Handover; full: dropped, the next sweep asks again).
+	handovers chan ctFlow
 	// live is the service set whose rules are installed (nil: none), for
 	// Forwards; the goroutine replaces it, never changes it.
 	live atomic.Pointer[map[uint32]*fastService]
@@ -272,6 +281,7 @@ func startFastPath(cfg FastPathConfig, k fastKernel) *FastPath {
 		cancel:    cancel,
 		done:      make(chan struct{}),
 		wake:      make(chan struct{}, 1),
+		handovers: make(chan ctFlow, handoverQueue),
 		counters:  map[uint32]FastCounters{},
 		base:      map[uint32]FastCounters{},
 		covered:   map[uint32]bool{},
@@ -417,6 +427,8 @@ type fastState struct {
 	// refreshErr is the last refresh error logged (logged again only
 	// when it changes).
 	refreshErr string
+	// handoverErr likewise for handovers.
+	handoverErr string
 }
 
 func (f *FastPath) run(ctx context.Context) {
@@ -456,6 +468,8 @@ func (f *FastPath) run(ctx context.Context) {
 			f.flush(st)
 		case <-poll.C:
 			f.poll(st)
+		case fl := <-f.handovers:
+			f.handover(st, fl)
 		}
 	}
 }
@@ -475,6 +489,43 @@ func (f *FastPath) take(st *fastState) bool {
 		}
 	}
 	return len(st.dirty) > 0
+}
+
+// handoverQueue bounds the flows waiting for Handover's deletes.
+const handoverQueue = 4096
+
+// Handover deletes, on the fast path's goroutine, the conntrack entry of
+// a nat flow whose client the kernel forwards but whose datagrams still
+// reach the listener through an entry made before the client entered the
+// map; the next datagram then takes the DNAT rule. It implements
+// dataplane.KernelPath; it never blocks.
+func (f *FastPath) Handover(client, local netip.AddrPort) {
+	select {
+	case f.handovers <- ctFlow{client: client, local: local}:
+	default:
+	}
+}
+
+// handover deletes first's and the other queued flows' entries.
+func (f *FastPath) handover(st *fastState, first ctFlow) {
+	flows := map[ctFlow]bool{first: true}
+	for len(flows) < handoverQueue {
+		select {
+		case fl := <-f.handovers:
+			flows[fl] = true
+			continue
+		default:
+		}
+		break
+	}
+	if err := f.kernel.handover(slices.Collect(maps.Keys(flows))); err != nil {
+		if msg := err.Error(); msg != st.handoverErr {
+			f.log.Warn("fast path: deleting handed-over flows' conntrack entries failed; those datagrams stay on the userspace path", "error", err)
+			st.handoverErr = msg
+		}
+		return
+	}
+	st.handoverErr = ""
 }
 
 // Forwards reports whether the kernel forwards k: its service's rules

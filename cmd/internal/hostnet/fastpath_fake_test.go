@@ -21,6 +21,7 @@ type fakeKernel struct {
 	installErr error
 	forgotten  []mapOp
 	installs   int
+	handedOver []ctFlow
 	// rehook: the next refresh reports changed interfaces.
 	rehook bool
 }
@@ -78,6 +79,13 @@ func (k *fakeKernel) remove() error {
 }
 
 func (k *fakeKernel) forwards(bool) bool { return true }
+
+func (k *fakeKernel) handover(flows []ctFlow) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.handedOver = append(k.handedOver, flows...)
+	return nil
+}
 
 func (k *fakeKernel) refresh(map[uint32]*fastService) (bool, error) {
 	k.mu.Lock()
@@ -258,5 +266,35 @@ func TestFastPathReinstallsWhenInterfacesChange(t *testing.T) {
 	}
 	if before != 1 {
 		t.Fatalf("%d installs before the change, want 1: a refresh without change reinstalled", before)
+	}
+}
+
+// TestFastPathHandover: Handover never blocks, and the flows reach the
+// kernel side's handover (which deletes their conntrack entries) from
+// the fast path's goroutine.
+func TestFastPathHandover(t *testing.T) {
+	k := newFakeKernel()
+	fp := startFastPath(FastPathConfig{Logger: slogDiscard, Table: dataplane.NewTable(), Poll: time.Hour}, k)
+	defer fp.Close()
+	ap := netip.MustParseAddrPort
+	vip := ap("10.0.100.1:4500")
+	for i := range 2 * handoverQueue { // more than the queue holds: the rest are dropped, never waited for
+		fp.Handover(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), vip)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		k.mu.Lock()
+		got := map[ctFlow]bool{}
+		for _, fl := range k.handedOver {
+			got[fl] = true
+		}
+		k.mu.Unlock()
+		if got[ctFlow{client: ap("10.1.0.0:4500"), local: vip}] && len(got) >= handoverQueue/2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d flows handed over, want the first and at least %d", len(got), handoverQueue/2)
+		}
+		time.Sleep(5 * time.Millisecond) // polling the fast path's goroutine, with a deadline
 	}
 }

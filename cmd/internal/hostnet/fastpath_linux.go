@@ -27,6 +27,13 @@ type nftFast struct {
 	// last one install attempted, so that a failed one is not retried
 	// at every poll, only when the interfaces change.
 	plan, tried ingressPlan
+	// svcs is the set installed; ct what conntrack showed of its nat
+	// services (conntrack_linux.go).
+	svcs map[uint32]*fastService
+	ct   ctReader
+	// ctErr is the last conntrack read error logged.
+	ctErr     string
+	acctTried bool
 }
 
 func newFastKernel(name string, log *slog.Logger) (fastKernel, error) {
@@ -125,6 +132,14 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 		k.log.Warn("fast path: no ingress stage for transparent services", "error", err)
 	}
 	k.tried, k.plan = plan, ingressPlan{}
+	k.svcs = svcs
+	if k.ct.prev == nil {
+		k.ct.reset()
+	}
+	k.ct.totals = map[uint32]FastCounters{} // the fast path added them to its bases
+	if hasNATFamily(svcs, false) || hasNATFamily(svcs, true) {
+		k.enableAccounting()
+	}
 	c, err := nftables.New()
 	if err != nil {
 		return wrap("nftables", err)
@@ -170,6 +185,9 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 	if err := c.Flush(); err != nil {
 		return wrap("nft table "+k.name, err)
 	}
+	if err := k.forgetVIPs(svcs); err != nil {
+		k.log.Warn("fast path: forgetting conntrack entries failed", "error", err)
+	}
 	if plan.active() {
 		if err := k.setupIngress(svcs, plan); err != nil {
 			k.log.Warn("fast path: no ingress stage for transparent services; the IP stack's rules forward their clients", "error", err)
@@ -193,16 +211,17 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 	chain := func(name string, typ nftables.ChainType, hook *nftables.ChainHook, prio *nftables.ChainPriority) *nftables.Chain {
 		return c.AddChain(&nftables.Chain{Name: name, Table: t, Type: typ, Hooknum: hook, Priority: prio})
 	}
-	rawPre := chain("raw_prerouting", nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityRaw)
-	// The nat-mode chains only when the family has a nat service: a hook
-	// without rules still costs every packet a call.
-	var rawOut, natPre, natPost *nftables.Chain
+	// Each chain only when a service needs it: a hook without rules
+	// still costs every packet a call.
+	var rawPre, fwd, natPre, natPost *nftables.Chain
+	if slices.ContainsFunc(ids, func(id uint32) bool { return svcs[id].transparent }) {
+		rawPre = chain("raw_prerouting", nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityRaw)
+		fwd = chain("forward", nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter)
+	}
 	if slices.ContainsFunc(ids, func(id uint32) bool { return !svcs[id].transparent }) {
-		rawOut = chain("raw_output", nftables.ChainTypeFilter, nftables.ChainHookOutput, nftables.ChainPriorityRaw)
 		natPre = chain("nat_prerouting", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest)
 		natPost = chain("nat_postrouting", nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource)
 	}
-	fwd := chain("forward", nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter)
 
 	for _, id := range ids {
 		s := svcs[id]
@@ -210,28 +229,20 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 		if err != nil {
 			return err
 		}
-		c.AddObj(&nftables.CounterObj{Table: t, Name: fwdCounter(s)})
-		c.AddObj(&nftables.CounterObj{Table: t, Name: repCounter(s)})
 		if s.transparent {
+			c.AddObj(&nftables.CounterObj{Table: t, Name: fwdCounter(s)})
+			c.AddObj(&nftables.CounterObj{Table: t, Name: repCounter(s)})
 			if err := k.transparentRules(c, t, s, ports, aff, rawPre, fwd); err != nil {
 				return err
 			}
 			continue
 		}
 
-		// A client in the map: counted (the service's counter and, by the
-		// lookup, its element's) and on to conntrack and the DNAT rule.
-		// Any other client: untracked, to the userspace listener (and the
-		// listener's replies untracked too), so that the first packet
-		// after its binding enters the map creates the conntrack entry
-		// that the DNAT rule decides.
-		c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(toVIP(s, ports), saddr(s), []expr.Any{
-			&expr.Lookup{SourceRegister: 1, SetName: aff.Name, SetID: aff.ID},
-			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: fwdCounter(s)},
-			&expr.Verdict{Kind: expr.VerdictAccept},
-		})})
-		c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(toVIP(s, ports), []expr.Any{&expr.Notrack{}})})
-		c.AddRule(&nftables.Rule{Table: t, Chain: rawOut, Exprs: concat(fromVIP(s, ports), []expr.Any{&expr.Notrack{}})})
+		// Tracked: a client's first datagram is decided by the DNAT rule
+		// (in the map: to its backend; not: to the userspace listener),
+		// the rest follow its conntrack entry with no rule evaluated. A
+		// client whose entry predates its binding in the map is handed
+		// over by the engine (FastPath.Handover: the entry is deleted).
 		// dnat ip to ip saddr map @aff
 		c.AddRule(&nftables.Rule{Table: t, Chain: natPre, Exprs: concat(toVIP(s, ports), saddr(s), []expr.Any{
 			&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: aff.Name, SetID: aff.ID},
@@ -248,11 +259,6 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 			}
 		}
 		c.AddRule(&nftables.Rule{Table: t, Chain: natPost, Exprs: concat(ctOurs(s, ports), snat)})
-		// Replies the kernel forwards, counted. The direction first: a
-		// request (most of the load) leaves the rule at once.
-		c.AddRule(&nftables.Rule{Table: t, Chain: fwd, Exprs: concat(ctDirection(1), ctOurs(s, ports), []expr.Any{
-			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: repCounter(s)},
-		})})
 	}
 	return nil
 }
@@ -318,17 +324,6 @@ func toVIP(s *fastService, ports *nftables.Set) []expr.Any {
 	})
 }
 
-// fromVIP: meta l4proto udp ip saddr VIP udp sport @ports.
-func fromVIP(s *fastService, ports *nftables.Set) []expr.Any {
-	a, _, n := addrOffsets(s)
-	return concat(isUDP(), []expr.Any{
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: a, Len: n},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
-		&expr.Lookup{SourceRegister: 1, SetName: ports.Name, SetID: ports.ID},
-	})
-}
-
 // saddr loads the packet's source address into register 1.
 func saddr(s *fastService) []expr.Any {
 	a, _, n := addrOffsets(s)
@@ -349,13 +344,6 @@ func ctOurs(s *fastService, ports *nftables.Set) []expr.Any {
 		&expr.Ct{Register: 1, Key: expr.CtKeyPROTODST, Direction: 0},
 		&expr.Lookup{SourceRegister: 1, SetName: ports.Name, SetID: ports.ID},
 	})
-}
-
-func ctDirection(d byte) []expr.Any {
-	return []expr.Any{
-		&expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{d}},
-	}
 }
 
 // update applies ops in transactions of at most txElems (see txElems),
@@ -458,22 +446,32 @@ func (m flowFilter) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
 }
 
 func (k *nftFast) forget(ops []mapOp) error {
-	var errs []error
-	for _, v6 := range []bool{false, true} {
+	return deleteConntrackMatching(func(v6 bool) (netlink.CustomConntrackFilter, bool) {
 		m := flowFilter{}
 		for _, op := range ops {
 			if op.svc.v6() == v6 {
 				m[[2]netip.Addr{op.svc.vip, op.client.Unmap()}] = op.svc.ports
 			}
 		}
-		if len(m) == 0 {
+		return m, len(m) > 0
+	})
+}
+
+// deleteConntrackMatching deletes, per family, the conntrack entries that
+// filter's answer for the family matches (a dump filtered here: one per
+// call and family); false skips the family.
+func deleteConntrackMatching(filter func(v6 bool) (netlink.CustomConntrackFilter, bool)) error {
+	var errs []error
+	for _, v6 := range []bool{false, true} {
+		f, ok := filter(v6)
+		if !ok {
 			continue
 		}
 		fam := netlink.InetFamily(unix.AF_INET)
 		if v6 {
 			fam = unix.AF_INET6
 		}
-		if _, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, fam, m); err != nil {
+		if _, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, fam, f); err != nil {
 			errs = append(errs, wrap("delete conntrack entries", err))
 		}
 	}
@@ -505,11 +503,19 @@ func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounter
 		return nil
 	}
 	for _, v6 := range []bool{false, true} {
-		if hasFamily(svcs, v6) {
+		if hasTransparentFamily(svcs, v6) {
 			if err := read(k.table(v6)); err != nil {
 				return nil, err
 			}
 		}
+	}
+	if err := k.readConntrack(ctCountersEvery); err != nil {
+		if msg := err.Error(); msg != k.ctErr {
+			k.log.Warn("fast path: reading conntrack failed", "error", err)
+			k.ctErr = msg
+		}
+	} else {
+		k.ctErr = ""
 	}
 	ingress := map[string][2]uint64{}
 	if k.plan.active() {
@@ -521,6 +527,10 @@ func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounter
 		byName = ip
 	}
 	for id, s := range svcs {
+		if !s.transparent {
+			out[id] = k.ct.totals[id]
+			continue
+		}
 		f, r, in := byName[fwdCounter(s)], byName[repCounter(s)], ingress[inCounter(s)]
 		out[id] = FastCounters{Packets: f[0] + in[0], Bytes: f[1] + in[1], ReplyPackets: r[0], ReplyBytes: r[1]}
 	}
@@ -528,6 +538,9 @@ func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounter
 }
 
 func (k *nftFast) activity(s *fastService) (map[netip.Addr]uint64, error) {
+	if !s.transparent {
+		return k.natActivity(s)
+	}
 	c, err := nftables.New()
 	if err != nil {
 		return nil, wrap("nftables", err)
@@ -569,13 +582,14 @@ func (k *nftFast) remove() error {
 	if err := c.Flush(); err != nil {
 		return wrap("delete nft tables "+k.name, err)
 	}
-	k.plan, k.tried = ingressPlan{}, ingressPlan{}
+	k.plan, k.tried, k.svcs = ingressPlan{}, ingressPlan{}, nil
+	k.ct.reset()
 	return nil
 }
 
-func hasFamily(svcs map[uint32]*fastService, v6 bool) bool {
+func hasTransparentFamily(svcs map[uint32]*fastService, v6 bool) bool {
 	for _, s := range svcs {
-		if s.v6() == v6 {
+		if s.transparent && s.v6() == v6 {
 			return true
 		}
 	}
@@ -660,3 +674,27 @@ func (k *nftFast) transparentRules(c *nftables.Conn, t *nftables.Table, s *fastS
 
 // ctStateUntracked is nft's "ct state untracked" bit.
 const ctStateUntracked = 1 << 6
+
+// vipFilter matches UDP conntrack flows to a VIP on one of its ports.
+type vipFilter map[netip.Addr][]uint16
+
+func (m vipFilter) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
+	if f.Forward.Protocol != unix.IPPROTO_UDP {
+		return false
+	}
+	dst, ok := netip.AddrFromSlice(f.Forward.DstIP)
+	return ok && slices.Contains(m[dst.Unmap()], f.Forward.DstPort)
+}
+
+// forgetVIPs deletes every conntrack entry to the nat services' VIP:ports.
+func (k *nftFast) forgetVIPs(svcs map[uint32]*fastService) error {
+	return deleteConntrackMatching(func(v6 bool) (netlink.CustomConntrackFilter, bool) {
+		m := vipFilter{}
+		for _, s := range svcs {
+			if !s.transparent && s.v6() == v6 {
+				m[s.vip] = append(m[s.vip], s.ports...)
+			}
+		}
+		return m, len(m) > 0
+	})
+}

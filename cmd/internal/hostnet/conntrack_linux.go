@@ -1,0 +1,315 @@
+package hostnet
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io/fs"
+	"net/netip"
+	"os"
+	"slices"
+	"time"
+
+	mnl "github.com/mdlayher/netlink"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+
+	"github.com/ikelb/ikelb/dataplane"
+)
+
+// nat-mode clients the kernel forwards show nowhere in the rules per
+// packet: conntrack's entry, made by the first datagram through the DNAT
+// rule, carries every later one. Their activity (for touches) and the
+// kernel's packet counts are read from conntrack instead: a dump at most
+// every ctCountersEvery for the counters, and at most every second when a
+// touch round is due.
+const ctCountersEvery = 5 * time.Second
+
+// ctKey is one conntrack entry of a nat service's kernel path: client →
+// VIP:port, DNATed to a backend.
+type ctKey struct {
+	svc    uint32
+	client netip.AddrPort
+	port   uint16
+}
+
+type ctCounts struct{ pkts, bytes, rpkts, rbytes uint64 }
+
+// ctReader keeps what the dumps showed.
+type ctReader struct {
+	at   time.Time
+	seq  uint64
+	prev map[ctKey]ctCounts
+	// totals: per service since the last install, what the entries
+	// counted (with net.netfilter.nf_conntrack_acct=1; zero without).
+	totals map[uint32]FastCounters
+	// active: per client, the seq of the last dump that showed it
+	// active — its entry new, or its packet count moved (without
+	// accounting: present).
+	active map[dataplane.ClientKey]uint64
+	// warned: the missing accounting was logged.
+	warned bool
+}
+
+func (r *ctReader) reset() {
+	*r = ctReader{prev: map[ctKey]ctCounts{}, totals: map[uint32]FastCounters{}, active: map[dataplane.ClientKey]uint64{}, warned: r.warned}
+}
+
+// ctAccounting reports whether conntrack counts packets per entry.
+func ctAccounting() bool {
+	b, err := os.ReadFile(ctAcctSysctl)
+	return err == nil && string(bytes.TrimSpace(b)) == "1"
+}
+
+const ctAcctSysctl = "/proc/sys/net/netfilter/nf_conntrack_acct"
+
+// enableAccounting turns conntrack's per-entry packet accounting on once,
+// if it is off: the nat kernel path's counters and touches come from it
+// (entries made before count nothing). Where it cannot (a read-only
+// /proc/sys), readConntrack says what is missing.
+func (k *nftFast) enableAccounting() {
+	if k.acctTried || ctAccounting() {
+		return
+	}
+	k.acctTried = true
+	if err := os.WriteFile(ctAcctSysctl, []byte("1"), 0); err != nil {
+		return
+	}
+	k.log.Info("fast path: turned conntrack accounting on (net.netfilter.nf_conntrack_acct=1) to count the nat clients the kernel forwards")
+}
+
+// readConntrack dumps conntrack unless the last dump is younger than
+// maxAge, and folds the nat services' entries into k.ct.
+func (k *nftFast) readConntrack(maxAge time.Duration) error {
+	r := &k.ct
+	if r.prev == nil {
+		r.reset()
+	}
+	if !r.at.IsZero() && time.Since(r.at) < maxAge {
+		return nil
+	}
+	byVIP := map[netip.Addr][]*fastService{}
+	for _, id := range sortedIDs(k.svcs) {
+		if s := k.svcs[id]; !s.transparent {
+			byVIP[s.vip] = append(byVIP[s.vip], s)
+		}
+	}
+	if len(byVIP) == 0 {
+		return nil
+	}
+	acct := ctAccounting()
+	if !acct && !r.warned {
+		k.log.Warn("fast path: conntrack accounting is off (net.netfilter.nf_conntrack_acct=0): nat packets the kernel forwards are not counted, and a client counts as active while it has a conntrack entry")
+		r.warned = true
+	}
+	r.at = time.Now()
+	r.seq++
+	next := make(map[ctKey]ctCounts, len(r.prev))
+	interrupted := false
+	var errs []error
+	for _, v6 := range []bool{false, true} {
+		if !hasNATFamily(k.svcs, v6) {
+			continue
+		}
+		fam := netlink.InetFamily(unix.AF_INET)
+		if v6 {
+			fam = unix.AF_INET6
+		}
+		flows, err := netlink.ConntrackTableList(netlink.ConntrackTable, fam)
+		if errors.Is(err, netlink.ErrDumpInterrupted) {
+			interrupted = true // partial: what it holds still counts
+		} else if err != nil {
+			errs = append(errs, wrap("dump conntrack", err))
+			interrupted = true
+			continue
+		}
+		for _, f := range flows {
+			k.foldFlow(f, byVIP, next, acct)
+		}
+	}
+	if interrupted {
+		// Entries the dump missed are not gone: keep their counts, or
+		// their next sighting would count them twice.
+		for key, c := range r.prev {
+			if _, ok := next[key]; !ok {
+				next[key] = c
+			}
+		}
+	}
+	r.prev = next
+	present := make(map[dataplane.ClientKey]bool, len(next))
+	for key := range next {
+		present[dataplane.ClientKey{Service: key.svc, Client: dataplane.AddrFrom(key.client.Addr())}] = true
+	}
+	for c := range r.active {
+		if !present[c] {
+			delete(r.active, c)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// foldFlow adds f to next and to the totals and activity if it is a nat
+// service's kernel entry.
+func (k *nftFast) foldFlow(f *netlink.ConntrackFlow, byVIP map[netip.Addr][]*fastService, next map[ctKey]ctCounts, acct bool) {
+	r := &k.ct
+	if f.Forward.Protocol != unix.IPPROTO_UDP {
+		return
+	}
+	dst, ok1 := netip.AddrFromSlice(f.Forward.DstIP)
+	src, ok2 := netip.AddrFromSlice(f.Forward.SrcIP)
+	rsrc, ok3 := netip.AddrFromSlice(f.Reverse.SrcIP)
+	if !ok1 || !ok2 || !ok3 {
+		return
+	}
+	dst, src, rsrc = dst.Unmap(), src.Unmap(), rsrc.Unmap()
+	if rsrc == dst {
+		return // not DNATed: a flow of the userspace listener
+	}
+	var s *fastService
+	for _, c := range byVIP[dst] {
+		if slices.Contains(c.ports, f.Forward.DstPort) {
+			s = c
+			break
+		}
+	}
+	if s == nil {
+		return
+	}
+	key := ctKey{svc: s.id, client: netip.AddrPortFrom(src, f.Forward.SrcPort), port: f.Forward.DstPort}
+	cur := ctCounts{f.Forward.Packets, f.Forward.Bytes, f.Reverse.Packets, f.Reverse.Bytes}
+	p, had := r.prev[key]
+	d := cur
+	if had && cur.pkts >= p.pkts && cur.bytes >= p.bytes && cur.rpkts >= p.rpkts && cur.rbytes >= p.rbytes {
+		d = ctCounts{cur.pkts - p.pkts, cur.bytes - p.bytes, cur.rpkts - p.rpkts, cur.rbytes - p.rbytes}
+	}
+	t := r.totals[s.id]
+	t.Packets += d.pkts
+	t.Bytes += d.bytes
+	t.ReplyPackets += d.rpkts
+	t.ReplyBytes += d.rbytes
+	r.totals[s.id] = t
+	next[key] = cur
+	if !had || d.pkts > 0 || !acct {
+		r.active[dataplane.ClientKey{Service: s.id, Client: dataplane.AddrFrom(src)}] = r.seq
+	}
+}
+
+func hasNATFamily(svcs map[uint32]*fastService, v6 bool) bool {
+	for _, s := range svcs {
+		if !s.transparent && s.v6() == v6 {
+			return true
+		}
+	}
+	return false
+}
+
+// natActivity is activity for a nat service: per client with a kernel
+// entry, the dump seq when it was last active.
+func (k *nftFast) natActivity(s *fastService) (map[netip.Addr]uint64, error) {
+	if err := k.readConntrack(time.Second); err != nil {
+		return nil, err
+	}
+	out := map[netip.Addr]uint64{}
+	for c, seq := range k.ct.active {
+		if c.Service == s.id {
+			out[c.Client.Netip()] = seq
+		}
+	}
+	return out, nil
+}
+
+// handover deletes the conntrack entries client → local of flows, by
+// exact tuple, in batches of netlink messages on one socket (a client
+// moves to the kernel at its next datagram; one request and socket per
+// entry took seconds for a thousand clients while the core was busy
+// forwarding them). An entry already gone is no error.
+//
+// The tuple given is the reply direction, local → client: only an entry
+// of the listener has it. The client's DNAT entry that replaces it has
+// the same original tuple, and the engine asks again while datagrams
+// still arrive, so deleting by the original tuple would delete that one
+// too, and its counts with it.
+func (k *nftFast) handover(flows []ctFlow) error {
+	conn, err := mnl.Dial(unix.NETLINK_NETFILTER, nil)
+	if err != nil {
+		return wrap("conntrack netlink", err)
+	}
+	defer conn.Close()
+	var errs []error
+	for len(flows) > 0 {
+		n := min(len(flows), ctDeleteBatch)
+		if err := deleteConntrack(conn, flows[:n]); err != nil {
+			errs = append(errs, err)
+		}
+		flows = flows[n:]
+	}
+	return errors.Join(errs...)
+}
+
+// ctDeleteBatch is the most delete requests sent before reading their
+// answers (about 80 bytes each).
+const ctDeleteBatch = 256
+
+func deleteConntrack(conn *mnl.Conn, flows []ctFlow) error {
+	msgs := make([]mnl.Message, 0, len(flows))
+	for _, fl := range flows {
+		c, l := fl.client.Addr().Unmap(), fl.local.Addr().Unmap()
+		fam, srcAttr, dstAttr := uint8(unix.AF_INET), uint16(nl.CTA_IP_V4_SRC), uint16(nl.CTA_IP_V4_DST)
+		if !c.Is4() {
+			fam, srcAttr, dstAttr = unix.AF_INET6, nl.CTA_IP_V6_SRC, nl.CTA_IP_V6_DST
+		}
+		ae := mnl.NewAttributeEncoder()
+		ae.Nested(unix.NLA_F_NESTED|nl.CTA_TUPLE_REPLY, func(ae *mnl.AttributeEncoder) error {
+			ae.Nested(unix.NLA_F_NESTED|nl.CTA_TUPLE_IP, func(ae *mnl.AttributeEncoder) error {
+				ae.Bytes(srcAttr, l.AsSlice())
+				ae.Bytes(dstAttr, c.AsSlice())
+				return nil
+			})
+			ae.Nested(unix.NLA_F_NESTED|nl.CTA_TUPLE_PROTO, func(ae *mnl.AttributeEncoder) error {
+				ae.Uint8(nl.CTA_PROTO_NUM, unix.IPPROTO_UDP)
+				ae.Bytes(nl.CTA_PROTO_SRC_PORT, binary.BigEndian.AppendUint16(nil, fl.local.Port()))
+				ae.Bytes(nl.CTA_PROTO_DST_PORT, binary.BigEndian.AppendUint16(nil, fl.client.Port()))
+				return nil
+			})
+			return nil
+		})
+		attrs, err := ae.Encode()
+		if err != nil {
+			return wrap("encode conntrack delete", err)
+		}
+		msgs = append(msgs, mnl.Message{
+			Header: mnl.Header{
+				Type:  mnl.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | nl.IPCTNL_MSG_CT_DELETE),
+				Flags: mnl.Request | mnl.Acknowledge,
+			},
+			Data: append(nfgenHeader(fam, 0), attrs...),
+		})
+	}
+	if _, err := conn.SendMessages(msgs); err != nil {
+		return wrap("delete conntrack entries", err)
+	}
+	if err := conn.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		return wrap("delete conntrack entries", err)
+	}
+	// One answer per request, each in a datagram of its own: an ack, or
+	// an error (ENOENT: the entry is gone already).
+	var errs []error
+	for answered := 0; answered < len(msgs); {
+		replies, err := conn.Receive()
+		if err != nil {
+			var oe *mnl.OpError
+			if !errors.As(err, &oe) {
+				return errors.Join(append(errs, wrap("delete conntrack entries", err))...)
+			}
+			if !errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, wrap("delete conntrack entry", err))
+			}
+			answered++
+			continue
+		}
+		answered += len(replies)
+	}
+	return errors.Join(errs...)
+}
