@@ -217,6 +217,29 @@ func TestListenerBatchFlowLimit(t *testing.T) {
 	}
 }
 
+// A client the kernel forwards whose datagrams still reach the listener
+// but find no flow (the flow limit) is handed over all the same: it has no
+// flow to be handed over later, and would stay dropped here.
+func TestListenerFlowLimitHandsOver(t *testing.T) {
+	e, l, _, _ := fakeEngine(t)
+	e.cfg.MaxFlows = 4
+	kp := &kernelClients{keys: map[ClientKey]bool{}}
+	for i := range 16 {
+		kp.keys[ClientKey{Service: l.svc.Load().svc.ID, Client: AddrFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}))}] = true
+	}
+	e.SetKernelPath(kp)
+	l.handleBatch(clientBatch(e, 32), 32, e.now.Load())
+	got := kp.handedOver()
+	if len(got) != 16 {
+		t.Fatalf("%d clients handed over, want all 16 (4 with a flow, 12 dropped by the flow limit): %v", len(got), got)
+	}
+	for fl := range got {
+		if fl[1] != l.addr {
+			t.Fatalf("handed over %v, want the listener's address %v", fl, l.addr)
+		}
+	}
+}
+
 // rebindingProposer commits, for every bind proposed, a binding of the
 // client to another backend than the one proposed (as when another node's
 // proposal for the client won).

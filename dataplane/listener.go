@@ -147,6 +147,12 @@ func (l *listener) handleBatch(b *batch, n int, now int64) {
 			var reason DropReason
 			f, reason = l.replaceFlow(fk, p.addr, sv, d.backend, f, now)
 			if f == nil {
+				if reason == DropFlowLimit && l.raw == nil {
+					// No flow to ask later: a client the kernel
+					// forwards would stay here, dropped, while its
+					// conntrack entry to the listener lives.
+					l.handover(nil, sv, fk, p.addr, now)
+				}
 				t.drops[reason]++
 				t.backends[d.backend].drops++
 				continue
@@ -195,9 +201,12 @@ func (l *listener) handleBatch(b *batch, n int, now int64) {
 const handoverEvery = 100 * time.Millisecond
 
 // handover tells the kernel path about a nat flow whose client it
-// forwards but whose datagrams still reach the listener (KernelPath).
+// forwards but whose datagrams still reach the listener (KernelPath); f is
+// nil for a datagram the flow limit dropped.
 func (l *listener) handover(f *flow, sv *serviceView, fk flowKey, client netip.AddrPort, now int64) {
-	f.handoverAt = now
+	if f != nil {
+		f.handoverAt = now
+	}
 	if kp, ok := l.engine.kernel.Load(); ok && kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}) {
 		kp.Handover(client, l.addr)
 	}

@@ -39,6 +39,7 @@ type ctCounts struct{ pkts, bytes, rpkts, rbytes uint64 }
 // ctReader keeps what the dumps showed.
 type ctReader struct {
 	at   time.Time
+	took time.Duration // how long the last dump took
 	seq  uint64
 	prev map[ctKey]ctCounts
 	// totals: per service since the last install, what the entries
@@ -79,6 +80,11 @@ func (k *nftFast) enableAccounting() {
 	k.log.Info("fast path: turned conntrack accounting on (net.netfilter.nf_conntrack_acct=1) to count the nat clients the kernel forwards")
 }
 
+// ctCountersAge is how old the counters' dump may be: ctCountersEvery,
+// or 20 times what the last dump took when that is longer (a large table
+// costs no more than 5 % of a core in dumps for the counters).
+func (r *ctReader) countersAge() time.Duration { return max(ctCountersEvery, 20*r.took) }
+
 // readConntrack dumps conntrack unless the last dump is younger than
 // maxAge, and folds the nat services' entries into k.ct.
 func (k *nftFast) readConntrack(maxAge time.Duration) error {
@@ -112,22 +118,19 @@ func (k *nftFast) readConntrack(maxAge time.Duration) error {
 		if !hasNATFamily(k.svcs, v6) {
 			continue
 		}
-		fam := netlink.InetFamily(unix.AF_INET)
+		fam := uint8(unix.AF_INET)
 		if v6 {
 			fam = unix.AF_INET6
 		}
-		flows, err := netlink.ConntrackTableList(netlink.ConntrackTable, fam)
+		err := dumpConntrack(fam, func(e *ctEntry) { k.foldEntry(e, byVIP, next, acct) })
 		if errors.Is(err, netlink.ErrDumpInterrupted) {
-			interrupted = true // partial: what it holds still counts
+			interrupted = true // partial: what it held still counts
 		} else if err != nil {
 			errs = append(errs, wrap("dump conntrack", err))
 			interrupted = true
-			continue
-		}
-		for _, f := range flows {
-			k.foldFlow(f, byVIP, next, acct)
 		}
 	}
+	r.took = time.Since(r.at)
 	if interrupted {
 		// Entries the dump missed are not gone: keep their counts, or
 		// their next sighting would count them twice.
@@ -150,26 +153,20 @@ func (k *nftFast) readConntrack(maxAge time.Duration) error {
 	return errors.Join(errs...)
 }
 
-// foldFlow adds f to next and to the totals and activity if it is a nat
+// foldEntry adds e to next and to the totals and activity if it is a nat
 // service's kernel entry.
-func (k *nftFast) foldFlow(f *netlink.ConntrackFlow, byVIP map[netip.Addr][]*fastService, next map[ctKey]ctCounts, acct bool) {
+func (k *nftFast) foldEntry(e *ctEntry, byVIP map[netip.Addr][]*fastService, next map[ctKey]ctCounts, acct bool) {
 	r := &k.ct
-	if f.Forward.Protocol != unix.IPPROTO_UDP {
+	if e.proto != unix.IPPROTO_UDP {
 		return
 	}
-	dst, ok1 := netip.AddrFromSlice(f.Forward.DstIP)
-	src, ok2 := netip.AddrFromSlice(f.Forward.SrcIP)
-	rsrc, ok3 := netip.AddrFromSlice(f.Reverse.SrcIP)
-	if !ok1 || !ok2 || !ok3 {
-		return
-	}
-	dst, src, rsrc = dst.Unmap(), src.Unmap(), rsrc.Unmap()
-	if rsrc == dst {
+	dst, src := e.dst.Addr().Unmap(), e.src.Addr().Unmap()
+	if e.replySrc.Unmap() == dst {
 		return // not DNATed: a flow of the userspace listener
 	}
 	var s *fastService
 	for _, c := range byVIP[dst] {
-		if slices.Contains(c.ports, f.Forward.DstPort) {
+		if slices.Contains(c.ports, e.dst.Port()) {
 			s = c
 			break
 		}
@@ -177,8 +174,8 @@ func (k *nftFast) foldFlow(f *netlink.ConntrackFlow, byVIP map[netip.Addr][]*fas
 	if s == nil {
 		return
 	}
-	key := ctKey{svc: s.id, client: netip.AddrPortFrom(src, f.Forward.SrcPort), port: f.Forward.DstPort}
-	cur := ctCounts{f.Forward.Packets, f.Forward.Bytes, f.Reverse.Packets, f.Reverse.Bytes}
+	key := ctKey{svc: s.id, client: netip.AddrPortFrom(src, e.src.Port()), port: e.dst.Port()}
+	cur := e.counts
 	p, had := r.prev[key]
 	d := cur
 	if had && cur.pkts >= p.pkts && cur.bytes >= p.bytes && cur.rpkts >= p.rpkts && cur.rbytes >= p.rbytes {
@@ -194,6 +191,124 @@ func (k *nftFast) foldFlow(f *netlink.ConntrackFlow, byVIP map[netip.Addr][]*fas
 	if !had || d.pkts > 0 || !acct {
 		r.active[dataplane.ClientKey{Service: s.id, Client: dataplane.AddrFrom(src)}] = r.seq
 	}
+}
+
+// ctEntry is what ikelb reads of one conntrack entry.
+type ctEntry struct {
+	proto    uint8
+	src, dst netip.AddrPort // original direction
+	replySrc netip.Addr
+	counts   ctCounts
+}
+
+// dumpConntrack streams the family's conntrack table through fn, one
+// entry at a time (fn's *ctEntry is reused): the table can hold millions
+// of entries, which a dump collected whole and parsed into a structure
+// per entry would hold in memory at once, on the balancer's core.
+func dumpConntrack(family uint8, fn func(*ctEntry)) error {
+	req := nl.NewNetlinkRequest(int(netlink.ConntrackTable)<<8|nl.IPCTNL_MSG_CT_GET, unix.NLM_F_DUMP)
+	req.AddData(&nl.Nfgenmsg{NfgenFamily: family, Version: nl.NFNETLINK_V0})
+	var e ctEntry
+	return req.ExecuteIter(unix.NETLINK_NETFILTER, 0, func(msg []byte) bool {
+		if len(msg) > 4 && parseCTEntry(msg[4:], &e) { // after the nfgenmsg
+			fn(&e)
+		}
+		return true
+	})
+}
+
+// parseCTEntry reads the attributes of one ctnetlink entry into e.
+func parseCTEntry(b []byte, e *ctEntry) bool {
+	*e = ctEntry{}
+	ad, err := mnl.NewAttributeDecoder(b)
+	if err != nil {
+		return false
+	}
+	ad.ByteOrder = binary.BigEndian
+	for ad.Next() {
+		switch ad.Type() {
+		case nl.CTA_TUPLE_ORIG:
+			ad.Nested(func(nad *mnl.AttributeDecoder) error {
+				e.proto, e.src, e.dst = parseCTTuple(nad)
+				return nil
+			})
+		case nl.CTA_TUPLE_REPLY:
+			ad.Nested(func(nad *mnl.AttributeDecoder) error {
+				_, src, _ := parseCTTuple(nad)
+				e.replySrc = src.Addr()
+				return nil
+			})
+		case nl.CTA_COUNTERS_ORIG:
+			ad.Nested(func(nad *mnl.AttributeDecoder) error {
+				e.counts.pkts, e.counts.bytes = parseCTCounters(nad)
+				return nil
+			})
+		case nl.CTA_COUNTERS_REPLY:
+			ad.Nested(func(nad *mnl.AttributeDecoder) error {
+				e.counts.rpkts, e.counts.rbytes = parseCTCounters(nad)
+				return nil
+			})
+		}
+	}
+	return ad.Err() == nil && e.src.IsValid() && e.dst.IsValid()
+}
+
+func parseCTTuple(ad *mnl.AttributeDecoder) (proto uint8, src, dst netip.AddrPort) {
+	ad.ByteOrder = binary.BigEndian
+	var sa, da netip.Addr
+	var sp, dp uint16
+	for ad.Next() {
+		switch ad.Type() {
+		case nl.CTA_TUPLE_IP:
+			ad.Nested(func(nad *mnl.AttributeDecoder) error {
+				for nad.Next() {
+					a, _ := netip.AddrFromSlice(nad.Bytes())
+					switch nad.Type() {
+					case nl.CTA_IP_V4_SRC, nl.CTA_IP_V6_SRC:
+						sa = a
+					case nl.CTA_IP_V4_DST, nl.CTA_IP_V6_DST:
+						da = a
+					}
+				}
+				return nil
+			})
+		case nl.CTA_TUPLE_PROTO:
+			ad.Nested(func(nad *mnl.AttributeDecoder) error {
+				nad.ByteOrder = binary.BigEndian
+				for nad.Next() {
+					switch nad.Type() {
+					case nl.CTA_PROTO_NUM:
+						proto = nad.Uint8()
+					case nl.CTA_PROTO_SRC_PORT:
+						sp = nad.Uint16()
+					case nl.CTA_PROTO_DST_PORT:
+						dp = nad.Uint16()
+					}
+				}
+				return nil
+			})
+		}
+	}
+	if sa.IsValid() {
+		src = netip.AddrPortFrom(sa, sp)
+	}
+	if da.IsValid() {
+		dst = netip.AddrPortFrom(da, dp)
+	}
+	return proto, src, dst
+}
+
+func parseCTCounters(ad *mnl.AttributeDecoder) (pkts, bytes uint64) {
+	ad.ByteOrder = binary.BigEndian
+	for ad.Next() {
+		switch ad.Type() {
+		case nl.CTA_COUNTERS_PACKETS:
+			pkts = ad.Uint64()
+		case nl.CTA_COUNTERS_BYTES:
+			bytes = ad.Uint64()
+		}
+	}
+	return pkts, bytes
 }
 
 func hasNATFamily(svcs map[uint32]*fastService, v6 bool) bool {

@@ -509,7 +509,7 @@ func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounter
 			}
 		}
 	}
-	if err := k.readConntrack(ctCountersEvery); err != nil {
+	if err := k.readConntrack(k.ct.countersAge()); err != nil {
 		if msg := err.Error(); msg != k.ctErr {
 			k.log.Warn("fast path: reading conntrack failed", "error", err)
 			k.ctErr = msg
