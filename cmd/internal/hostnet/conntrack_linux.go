@@ -80,7 +80,7 @@ func (k *nftFast) enableAccounting() {
 	k.log.Info("fast path: turned conntrack accounting on (net.netfilter.nf_conntrack_acct=1) to count the nat clients the kernel forwards")
 }
 
-// ctCountersAge is how old the counters' dump may be: ctCountersEvery,
+// countersAge is how old the counters' dump may be: ctCountersEvery,
 // or 20 times what the last dump took when that is longer (a large table
 // costs no more than 5 % of a core in dumps for the counters).
 func (r *ctReader) countersAge() time.Duration { return max(ctCountersEvery, 20*r.took) }
@@ -175,6 +175,9 @@ func (k *nftFast) foldEntry(e *ctEntry, byVIP map[netip.Addr][]*fastService, nex
 		return
 	}
 	key := ctKey{svc: s.id, client: netip.AddrPortFrom(src, e.src.Port()), port: e.dst.Port()}
+	if _, seen := next[key]; seen {
+		return // an interrupted dump can show an entry twice
+	}
 	cur := e.counts
 	p, had := r.prev[key]
 	d := cur
