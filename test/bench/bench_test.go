@@ -22,6 +22,7 @@ var (
 	repeats  = flag.Int("repeats", 0, "rate runs per target and size (default 3)")
 	gsoBatch = flag.Int("gso", 16, "forwarding: send the rate runs' load as UDP GSO writes of this many datagrams per client turn (2..64; the kernel cuts them on the client side), so that one generator core saturates the balancer's; 0: one sendmmsg of separate datagrams")
 	offered  = flag.Float64("rate", 0, "forwarding: offered datagrams/s of the rate runs (default 0: open loop); below every target's capacity, CPU ns/dgram compares per-packet cost")
+	offCPU   = flag.Bool("ikelbd-off-balancer-cpu", false, "forwarding: run ikelbd on the generator's CPU, not the balancer's (the kernel fast path then has the balancer's core to itself, as a kernel balancer does)")
 	count    = flag.String("count", CountKernel, "where load is counted at the backends: kernel (nft counter) or socket (recvmmsg sink)")
 )
 
@@ -72,6 +73,11 @@ func TestForwarding(t *testing.T) {
 				t.Fatalf("-sizes: %v", err)
 			}
 			cfg.Sizes = append(cfg.Sizes, n)
+		}
+	}
+	for _, tg := range cfg.Targets {
+		if k, ok := tg.(*Ikelb); ok {
+			k.OffBalancerCPU = *offCPU
 		}
 	}
 	cfg.Rate = *offered

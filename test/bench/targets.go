@@ -183,6 +183,10 @@ type Ikelb struct {
 	Mode string
 	// Binary returns the path of a built ikelbd (see BuildIkelbd).
 	Binary func() (string, error)
+	// OffBalancerCPU runs ikelbd on the generator's CPU instead of the
+	// balancer's: the kernel fast path then has the balancer's core to
+	// itself, as a kernel balancer (no daemon) does.
+	OffBalancerCPU bool
 
 	proc *netns.Proc
 }
@@ -224,7 +228,11 @@ services:
 	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
 		return netip.AddrPort{}, err
 	}
-	k.proc = env.Lab.Start(env.Balancer, "ikelbd-"+k.Mode, "taskset", "-c", env.BalancerCPU, bin, "--config", path)
+	cpu := env.BalancerCPU
+	if k.OffBalancerCPU {
+		cpu = env.GenCPU
+	}
+	k.proc = env.Lab.Start(env.Balancer, "ikelbd-"+k.Mode, "taskset", "-c", cpu, bin, "--config", path)
 	dst := netip.AddrPortFrom(VIP, 4500)
 	if err := readyOrExit(ctx, env, k.proc, dst); err != nil {
 		_ = k.Stop(env)
