@@ -45,6 +45,8 @@ type ctReader struct {
 	// totals: per service since the last install, what the entries
 	// counted (with net.netfilter.nf_conntrack_acct=1; zero without).
 	totals map[uint32]FastCounters
+	// reported: the totals counters last returned, per service.
+	reported map[uint32]FastCounters
 	// active: per client, the seq of the last dump that showed it
 	// active — its entry new, or its packet count moved (without
 	// accounting: present).
@@ -54,7 +56,8 @@ type ctReader struct {
 }
 
 func (r *ctReader) reset() {
-	*r = ctReader{prev: map[ctKey]ctCounts{}, totals: map[uint32]FastCounters{}, active: map[dataplane.ClientKey]uint64{}, warned: r.warned}
+	*r = ctReader{prev: map[ctKey]ctCounts{}, totals: map[uint32]FastCounters{}, reported: map[uint32]FastCounters{},
+		active: map[dataplane.ClientKey]uint64{}, warned: r.warned}
 }
 
 // ctAccounting reports whether conntrack counts packets per entry.

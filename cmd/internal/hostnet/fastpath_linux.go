@@ -132,11 +132,24 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 		k.log.Warn("fast path: no ingress stage for transparent services", "error", err)
 	}
 	k.tried, k.plan = plan, ingressPlan{}
-	k.svcs = svcs
 	if k.ct.prev == nil {
 		k.ct.reset()
 	}
-	k.ct.totals = map[uint32]FastCounters{} // the fast path added them to its bases
+	// The fast path has added what counters last reported to its bases
+	// and counts from zero after an install. The entries' counts since
+	// that report (the last dump may be seconds old, and the install
+	// deletes the entries) carry over.
+	if err := k.readConntrack(0); err != nil {
+		k.log.Warn("fast path: reading conntrack failed", "error", err)
+	}
+	carry := map[uint32]FastCounters{}
+	for id, t := range k.ct.totals {
+		r := k.ct.reported[id]
+		carry[id] = FastCounters{Packets: t.Packets - r.Packets, Bytes: t.Bytes - r.Bytes,
+			ReplyPackets: t.ReplyPackets - r.ReplyPackets, ReplyBytes: t.ReplyBytes - r.ReplyBytes}
+	}
+	k.ct.totals, k.ct.reported = carry, map[uint32]FastCounters{}
+	k.svcs = svcs
 	if hasNATFamily(svcs, false) || hasNATFamily(svcs, true) {
 		k.enableAccounting()
 	}
@@ -529,6 +542,7 @@ func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounter
 	for id, s := range svcs {
 		if !s.transparent {
 			out[id] = k.ct.totals[id]
+			k.ct.reported[id] = out[id]
 			continue
 		}
 		f, r, in := byName[fwdCounter(s)], byName[repCounter(s)], ingress[inCounter(s)]
