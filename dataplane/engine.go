@@ -320,7 +320,8 @@ func (e *Engine) Flows() int { return int(e.flowCount.Load()) }
 // KernelPath is a kernel fast path that forwards some clients without the
 // engine (cmd/internal/hostnet's FastPath). Its methods are called from
 // the listeners' goroutines (per flow at most every 100 ms while it gets
-// datagrams, and at sweeps) and must not block.
+// datagrams, per datagram the flow limit drops, and at sweeps) and must
+// not block.
 type KernelPath interface {
 	// Forwards reports whether the kernel forwards k's datagrams now.
 	Forwards(k ClientKey) bool

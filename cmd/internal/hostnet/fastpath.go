@@ -233,7 +233,8 @@ type FastPath struct {
 	done   chan struct{}
 	wake   chan struct{} // capacity 1: a new service set is pending
 	// handovers: flows whose conntrack entries the goroutine deletes
-	// (Handover; full: dropped, the next sweep asks again).
+	// (Handover; full: dropped, the listener asks again at the flow's
+	// next datagram after 100 ms).
 	handovers chan ctFlow
 	// live is the service set whose rules are installed (nil: none), for
 	// Forwards; the goroutine replaces it, never changes it.
@@ -509,14 +510,14 @@ func (f *FastPath) Handover(client, local netip.AddrPort) {
 // handover deletes first's and the other queued flows' entries.
 func (f *FastPath) handover(st *fastState, first ctFlow) {
 	flows := map[ctFlow]bool{first: true}
+drain:
 	for len(flows) < handoverQueue {
 		select {
 		case fl := <-f.handovers:
 			flows[fl] = true
-			continue
 		default:
+			break drain
 		}
-		break
 	}
 	if err := f.kernel.handover(slices.Collect(maps.Keys(flows))); err != nil {
 		if msg := err.Error(); msg != st.handoverErr {
