@@ -27,11 +27,15 @@ import (
 const ctCountersEvery = 5 * time.Second
 
 // ctKey is one conntrack entry of a nat service's kernel path: client →
-// VIP:port, DNATed to a backend.
+// VIP:port, DNATed to a backend. id is conntrack's own: an entry deleted
+// (a rebuild, a client leaving the map) or expired, and made again for
+// the same tuple between two dumps, is a new entry whose counts start
+// from zero, not a continuation of the old one.
 type ctKey struct {
 	svc    uint32
 	client netip.AddrPort
 	port   uint16
+	id     uint32
 }
 
 type ctCounts struct{ pkts, bytes, rpkts, rbytes uint64 }
@@ -177,15 +181,15 @@ func (k *nftFast) foldEntry(e *ctEntry, byVIP map[netip.Addr][]*fastService, nex
 	if s == nil {
 		return
 	}
-	key := ctKey{svc: s.id, client: netip.AddrPortFrom(src, e.src.Port()), port: e.dst.Port()}
+	key := ctKey{svc: s.id, client: netip.AddrPortFrom(src, e.src.Port()), port: e.dst.Port(), id: e.id}
 	if _, seen := next[key]; seen {
 		return // an interrupted dump can show an entry twice
 	}
 	cur := e.counts
 	p, had := r.prev[key]
 	d := cur
-	if had && cur.pkts >= p.pkts && cur.bytes >= p.bytes && cur.rpkts >= p.rpkts && cur.rbytes >= p.rbytes {
-		d = ctCounts{cur.pkts - p.pkts, cur.bytes - p.bytes, cur.rpkts - p.rpkts, cur.rbytes - p.rbytes}
+	if had {
+		d = ctCounts{sub(cur.pkts, p.pkts), sub(cur.bytes, p.bytes), sub(cur.rpkts, p.rpkts), sub(cur.rbytes, p.rbytes)}
 	}
 	t := r.totals[s.id]
 	t.Packets += d.pkts
@@ -199,8 +203,18 @@ func (k *nftFast) foldEntry(e *ctEntry, byVIP map[netip.Addr][]*fastService, nex
 	}
 }
 
+// sub is a − b, or 0 if b is larger (a counter never goes back on the
+// same entry).
+func sub(a, b uint64) uint64 {
+	if a < b {
+		return 0
+	}
+	return a - b
+}
+
 // ctEntry is what ikelb reads of one conntrack entry.
 type ctEntry struct {
+	id       uint32
 	proto    uint8
 	src, dst netip.AddrPort // original direction
 	replySrc netip.Addr
@@ -244,6 +258,8 @@ func parseCTEntry(b []byte, e *ctEntry) bool {
 				e.replySrc = src.Addr()
 				return nil
 			})
+		case nl.CTA_ID:
+			e.id = ad.Uint32()
 		case nl.CTA_COUNTERS_ORIG:
 			ad.Nested(func(nad *mnl.AttributeDecoder) error {
 				e.counts.pkts, e.counts.bytes = parseCTCounters(nad)

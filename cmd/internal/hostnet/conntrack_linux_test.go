@@ -34,6 +34,7 @@ func ctMessage(t *testing.T, src, dst, replySrc, replyDst netip.AddrPort, pkts, 
 	ae.Nested(unix.NLA_F_NESTED|nl.CTA_TUPLE_ORIG, func(ae *mnl.AttributeEncoder) error { tuple(ae, src, dst); return nil })
 	ae.Nested(unix.NLA_F_NESTED|nl.CTA_TUPLE_REPLY, func(ae *mnl.AttributeEncoder) error { tuple(ae, replySrc, replyDst); return nil })
 	ae.Bytes(nl.CTA_STATUS, binary.BigEndian.AppendUint32(nil, 0x1a8))
+	ae.Bytes(nl.CTA_ID, binary.BigEndian.AppendUint32(nil, 0xc0ffee))
 	ae.Nested(unix.NLA_F_NESTED|nl.CTA_COUNTERS_ORIG, func(ae *mnl.AttributeEncoder) error { counters(ae, pkts); return nil })
 	ae.Nested(unix.NLA_F_NESTED|nl.CTA_COUNTERS_REPLY, func(ae *mnl.AttributeEncoder) error { counters(ae, rpkts); return nil })
 	b, err := ae.Encode()
@@ -50,7 +51,7 @@ func TestParseCTEntry(t *testing.T) {
 	if !parseCTEntry(b, &e) {
 		t.Fatal("not parsed")
 	}
-	want := ctEntry{proto: unix.IPPROTO_UDP, src: ap("198.51.100.7:4500"), dst: ap("203.0.113.10:4500"),
+	want := ctEntry{id: 0xc0ffee, proto: unix.IPPROTO_UDP, src: ap("198.51.100.7:4500"), dst: ap("203.0.113.10:4500"),
 		replySrc: netip.MustParseAddr("10.0.0.11"), counts: ctCounts{7, 700, 5, 500}}
 	if e != want {
 		t.Fatalf("parsed %+v, want %+v", e, want)

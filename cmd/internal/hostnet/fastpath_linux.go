@@ -132,24 +132,6 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 		k.log.Warn("fast path: no ingress stage for transparent services", "error", err)
 	}
 	k.tried, k.plan = plan, ingressPlan{}
-	if k.ct.prev == nil {
-		k.ct.reset()
-	}
-	// The fast path has added what counters last reported to its bases
-	// and counts from zero after an install. The entries' counts since
-	// that report (the last dump may be seconds old, and the install
-	// deletes the entries) carry over.
-	if err := k.readConntrack(0); err != nil {
-		k.log.Warn("fast path: reading conntrack failed", "error", err)
-	}
-	carry := map[uint32]FastCounters{}
-	for id, t := range k.ct.totals {
-		r := k.ct.reported[id]
-		carry[id] = FastCounters{Packets: t.Packets - r.Packets, Bytes: t.Bytes - r.Bytes,
-			ReplyPackets: t.ReplyPackets - r.ReplyPackets, ReplyBytes: t.ReplyBytes - r.ReplyBytes}
-	}
-	k.ct.totals, k.ct.reported = carry, map[uint32]FastCounters{}
-	k.svcs = svcs
 	if hasNATFamily(svcs, false) || hasNATFamily(svcs, true) {
 		k.enableAccounting()
 	}
@@ -198,6 +180,8 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 	if err := c.Flush(); err != nil {
 		return wrap("nft table "+k.name, err)
 	}
+	k.carryCounts()
+	k.svcs = svcs
 	if err := k.forgetVIPs(svcs); err != nil {
 		k.log.Warn("fast path: forgetting conntrack entries failed", "error", err)
 	}
@@ -209,6 +193,25 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 		}
 	}
 	return k.update(rest)
+}
+
+// carryCounts reads conntrack afresh for the services installed so far,
+// just before an install deletes their entries: the fast path has added
+// what counters last reported to its bases and counts from zero after an
+// install, so the entries' counts since that report (the last dump may be
+// seconds old) carry over. Packets in the milliseconds between this read
+// and the deletion are not counted.
+func (k *nftFast) carryCounts() {
+	if err := k.readConntrack(0); err != nil {
+		k.log.Warn("fast path: reading conntrack failed", "error", err)
+	}
+	carry := map[uint32]FastCounters{}
+	for id, t := range k.ct.totals {
+		r := k.ct.reported[id]
+		carry[id] = FastCounters{Packets: t.Packets - r.Packets, Bytes: t.Bytes - r.Bytes,
+			ReplyPackets: t.ReplyPackets - r.ReplyPackets, ReplyBytes: t.ReplyBytes - r.ReplyBytes}
+	}
+	k.ct.totals, k.ct.reported = carry, map[uint32]FastCounters{}
 }
 
 // weight is how many map elements one of s's clients takes: two when the
