@@ -193,6 +193,20 @@ func (n *lbNode) mustTable() map[string]string {
 }
 
 // startResponders runs an ikesim responder on every backend, on 500/4500.
+// startVRRPCluster starts v's responders and its nodes in nat mode (the
+// witness as such), then keepalived on lb1, which becomes master, and on
+// lb2; it returns the nodes by name and the master.
+func startVRRPCluster(t *testing.T, lab *netns.Lab, v *topo.VRRP) (map[string]*lbNode, *topo.Node) {
+	t.Helper()
+	startResponders(t, lab, v.Backends)
+	cs := clusterSpec{vip: v.VIP, backends: v.Backends, mode: "nat"}
+	nodes := startNodes(t, v.Nodes(), map[string]string{v.Witness.Name: "witness"}, cs)
+	v.StartKeepalived(v.LB1)
+	master := v.WaitMaster(nil, 10*time.Second)
+	v.StartKeepalived(v.LB2)
+	return nodes, master
+}
+
 func startResponders(t *testing.T, lab *netns.Lab, backends []*topo.Backend) {
 	t.Helper()
 	bin := IkesimBinary(t)
@@ -425,12 +439,7 @@ func TestVRRPFailover(t *testing.T) {
 			return fmt.Sprintf("%s --addr %s --timeout 1s check ready", ctlBin, nodeAdmin)
 		},
 	})
-	startResponders(t, lab, v.Backends)
-	cs := clusterSpec{vip: v.VIP, backends: v.Backends, mode: "nat"}
-	nodes := startNodes(t, v.Nodes(), map[string]string{v.Witness.Name: "witness"}, cs)
-	v.StartKeepalived(v.LB1)
-	master := v.WaitMaster(nil, 10*time.Second)
-	v.StartKeepalived(v.LB2)
+	nodes, master := startVRRPCluster(t, lab, v)
 	t.Logf("VRRP master: %s", master.Name)
 
 	own, natted := v.Clients[0], v.Clients[1]
@@ -499,12 +508,7 @@ func TestVRRPReadyWatcher(t *testing.T) {
 			return []string{ctlBin, "--addr", nodeAdmin, "check", "ready"}
 		},
 	})
-	startResponders(t, lab, v.Backends)
-	cs := clusterSpec{vip: v.VIP, backends: v.Backends, mode: "nat"}
-	nodes := startNodes(t, v.Nodes(), map[string]string{v.Witness.Name: "witness"}, cs)
-	v.StartKeepalived(v.LB1)
-	master := v.WaitMaster(nil, 10*time.Second)
-	v.StartKeepalived(v.LB2)
+	nodes, master := startVRRPCluster(t, lab, v)
 
 	const d = 10 * time.Second
 	s := startSessions(t, lab, v.Clients[0], v.VIP, 0, 50, false, d)
