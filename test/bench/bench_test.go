@@ -19,7 +19,7 @@ var (
 	targets  = flag.String("targets", "", "comma-separated subset of targets: routing,nftables,nftables-masq,nginx,ikelb-nat,ikelb-transparent")
 	sizes    = flag.String("sizes", "", "comma-separated datagram sizes (default 64,1400)")
 	duration = flag.Duration("duration", 0, "length of each rate run (default 2s)")
-	repeats  = flag.Int("repeats", 0, "rate runs per target and size (default 3)")
+	repeats  = flag.Int("repeats", 0, "forwarding: rounds, each one rate run per target and size (default 5); scale: rate runs per target (default 3); failover: repeats per shape (default 3)")
 	gsoBatch = flag.Int("gso", 16, "forwarding: send the rate runs' load as UDP GSO writes of this many datagrams per client turn (2..64; the kernel cuts them on the client side), so that one generator core saturates the balancer's; 0: one sendmmsg of separate datagrams")
 	offered  = flag.Float64("rate", 0, "forwarding: offered datagrams/s of the rate runs (default 0: open loop); below every target's capacity, CPU ns/dgram compares per-packet cost")
 	offCPU   = flag.Bool("ikelbd-off-balancer-cpu", false, "forwarding: run ikelbd on the generator's CPU, not the balancer's (the kernel fast path then has the balancer's core to itself, as a kernel balancer does)")

@@ -463,12 +463,16 @@ func backendName(bs []*topo.Backend, addr string) string {
 	return ""
 }
 
+// median of v; of an even count, the mean of the middle two.
 func median(v []float64) float64 {
 	if len(v) == 0 {
 		return 0
 	}
 	s := slices.Clone(v)
 	slices.Sort(s)
+	if len(s)%2 == 0 {
+		return (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
 	return s[len(s)/2]
 }
 

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/ikelb/ikelb/test/bench/loadgen"
@@ -20,7 +22,8 @@ type ForwardingConfig struct {
 	Sizes []int
 	// Clients is the number of simulated clients (source addresses).
 	Clients int
-	// Duration of each rate measurement, repeated Repeats times (median).
+	// Duration of each rate measurement; Repeats is the number of rounds
+	// (one run per target and size each, see RunForwarding).
 	Duration time.Duration
 	Repeats  int
 	// Rate caps the rate runs' offered load (datagrams/s; 0: open loop,
@@ -53,7 +56,7 @@ func DefaultForwarding(buildIkelbd func() (string, error)) ForwardingConfig {
 		Sizes:           []int{64, 1400},
 		Clients:         1000,
 		Duration:        2 * time.Second,
-		Repeats:         3,
+		Repeats:         5,
 		Warmup:          500 * time.Millisecond,
 		LatencyDuration: 3 * time.Second,
 		Probes:          16,
@@ -65,6 +68,14 @@ func DefaultForwarding(buildIkelbd func() (string, error)) ForwardingConfig {
 // results, with ratios and added latency filled in. Only a broken harness
 // (the sinks or the generator failing) is an error; a target that cannot run
 // is a Result with Available false.
+//
+// The rate runs go in rounds: each round starts every target in turn (in an
+// order rotated from round to round), measures one run per size and stops
+// it. On this shared VM the machine's speed drifts by ±20 % over tens of
+// seconds; measured target after target, that drift lands in the ratios.
+// In rounds, every ratio compares runs minutes apart at most seconds apart,
+// and the reported ratio is the median of the rounds' ratios (fillRatios).
+// The latency runs follow, one pass over the targets.
 func RunForwarding(ctx context.Context, env *Env, cfg ForwardingConfig) ([]Result, error) {
 	if len(cfg.Targets) == 0 {
 		return nil, errors.New("bench: no targets")
@@ -72,34 +83,88 @@ func RunForwarding(ctx context.Context, env *Env, cfg ForwardingConfig) ([]Resul
 	if _, ok := cfg.Targets[0].(Routing); !ok {
 		return nil, errors.New("bench: the first target must be Routing, the latency baseline")
 	}
-	var results []Result
-	for _, tgt := range cfg.Targets {
-		env.TB.Logf("bench: target %s", tgt.Name())
-		rs, err := measureTarget(ctx, env, cfg, tgt)
-		if err != nil {
-			return results, err
+	rs := make([][]Result, len(cfg.Targets))
+	for i, tgt := range cfg.Targets {
+		rs[i] = make([]Result, len(cfg.Sizes))
+		for j, size := range cfg.Sizes {
+			rs[i][j] = Result{Target: tgt.Name(), Size: size}
 		}
-		results = append(results, rs...)
 	}
+	rounds := max(cfg.Repeats, 1)
+	for round := range rounds {
+		for k := range cfg.Targets {
+			i := (round + k) % len(cfg.Targets)
+			if rs[i][0].Reason != "" {
+				continue // unavailable since the first round
+			}
+			env.TB.Logf("bench: round %d of %d: %s", round+1, rounds, cfg.Targets[i].Name())
+			err := withTarget(ctx, env, cfg, cfg.Targets[i], rs[i], func(dst netip.AddrPort) error {
+				for j := range rs[i] {
+					if err := rateRun(ctx, env, cfg, dst, &rs[i][j]); err != nil {
+						return fmt.Errorf("%d bytes: %w", rs[i][j].Size, err)
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				return flatten(rs), err
+			}
+		}
+	}
+	for i, tgt := range cfg.Targets {
+		for j := range rs[i] {
+			summarize(&rs[i][j])
+		}
+		if !rs[i][0].Available {
+			continue
+		}
+		env.TB.Logf("bench: latency: %s", tgt.Name())
+		err := withTarget(ctx, env, cfg, tgt, rs[i], func(dst netip.AddrPort) error {
+			for j := range rs[i] {
+				if err := measureLatency(ctx, env, cfg, dst, &rs[i][j]); err != nil {
+					return fmt.Errorf("%d bytes latency: %w", rs[i][j].Size, err)
+				}
+			}
+			if _, ok := tgt.(*Ikelb); ok {
+				env.TB.Logf("bench: %s: metrics: %s", tgt.Name(), ikelbMetrics(env))
+			}
+			return nil
+		})
+		if err != nil {
+			return flatten(rs), err
+		}
+		if err := baselineLatency(ctx, env, cfg, tgt, rs[i]); err != nil {
+			return flatten(rs), err
+		}
+	}
+	results := flatten(rs)
 	fillRatios(results)
 	return results, nil
 }
 
-func measureTarget(ctx context.Context, env *Env, cfg ForwardingConfig, tgt Target) ([]Result, error) {
-	rs := make([]Result, len(cfg.Sizes))
-	for i, size := range cfg.Sizes {
-		rs[i] = Result{Target: tgt.Name(), Size: size}
+func flatten(rs [][]Result) []Result {
+	var out []Result
+	for _, r := range rs {
+		out = append(out, r...)
 	}
+	return out
+}
+
+// withTarget starts tgt, brings it to its steady state (ikelb: every load
+// and probe client bound and taken over by the kernel path), runs measure
+// and stops tgt. A target that cannot start is marked unavailable in rs
+// (Reason) and is no error.
+func withTarget(ctx context.Context, env *Env, cfg ForwardingConfig, tgt Target, rs []Result, measure func(netip.AddrPort) error) error {
 	dst, err := tgt.Start(ctx, env)
 	if err != nil {
 		if !errors.Is(err, ErrUnavailable) {
-			return nil, fmt.Errorf("bench: %s: %w", tgt.Name(), err)
+			return fmt.Errorf("bench: %s: %w", tgt.Name(), err)
 		}
 		for i := range rs {
 			rs[i].Reason = err.Error()
 		}
 		env.TB.Logf("bench: %s: %v", tgt.Name(), err)
-		return rs, nil
+		return nil
 	}
 	stopped := false
 	defer func() {
@@ -108,38 +173,113 @@ func measureTarget(ctx context.Context, env *Env, cfg ForwardingConfig, tgt Targ
 		}
 	}()
 	if _, ok := tgt.(*Ikelb); ok {
-		// Every load and probe client bound before anything is measured:
-		// the steady state of established clients (see bindPasses).
-		load := loadgen.SendConfig{Dst: dst, ClientBase: ClientBase, Clients: cfg.Clients, SrcPort: ClientPort, Size: cfg.Sizes[0]}
-		probes := load
-		probes.ClientBase, probes.Clients, probes.SrcPort = ProbeBase, cfg.Probes, 0
-		took, passes, err := bindPasses(ctx, env, cfg.Clients+cfg.Probes, 8, func() error {
-			for _, l := range []loadgen.SendConfig{load, probes} {
-				if _, err := env.send(ctx, onePass(l, 20000)); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, fmt.Errorf("bench: %s: binding the clients: %w", tgt.Name(), err)
+		if err := settleIkelb(ctx, env, cfg, dst); err != nil {
+			return fmt.Errorf("bench: %s: %w", tgt.Name(), err)
 		}
-		env.TB.Logf("bench: %s: %d clients bound in %v (%d passes)", tgt.Name(), cfg.Clients+cfg.Probes, took.Round(time.Millisecond), passes)
 	}
-	for i := range rs {
-		if err := measureRate(ctx, env, cfg, dst, &rs[i]); err != nil {
-			return nil, fmt.Errorf("bench: %s, %d bytes: %w", tgt.Name(), rs[i].Size, err)
-		}
-		if err := measureLatency(ctx, env, cfg, dst, &rs[i]); err != nil {
-			return nil, fmt.Errorf("bench: %s, %d bytes latency: %w", tgt.Name(), rs[i].Size, err)
-		}
+	if err := measure(dst); err != nil {
+		return fmt.Errorf("bench: %s, %w", tgt.Name(), err)
 	}
 	stopped = true
 	if err := tgt.Stop(env); err != nil {
-		return nil, fmt.Errorf("bench: stop %s: %w", tgt.Name(), err)
+		return fmt.Errorf("bench: stop %s: %w", tgt.Name(), err)
 	}
-	// The baseline at the same offered rate, so "added" compares like with
-	// like. For Routing the run above is its own baseline.
+	return nil
+}
+
+// settleIkelb binds every load and probe client (see bindPasses), then
+// offers the full load until the balancer's sockets receive less than 1 %
+// of it: the kernel path has taken every client over. In nat mode a client
+// leaves userspace when its flow hands its conntrack entry over, which
+// under a saturating load takes seconds for 1,000 clients (the listener
+// shares the balancer's core with the kernel's receive work); a run
+// measured meanwhile is partly a userspace run. What is measured is the
+// steady state of established clients.
+func settleIkelb(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.AddrPort) error {
+	load := loadgen.SendConfig{Dst: dst, ClientBase: ClientBase, Clients: cfg.Clients, SrcPort: ClientPort, Size: cfg.Sizes[0]}
+	probes := load
+	probes.ClientBase, probes.Clients, probes.SrcPort = ProbeBase, cfg.Probes, 0
+	took, passes, err := bindPasses(ctx, env, cfg.Clients+cfg.Probes, 8, func() error {
+		for _, l := range []loadgen.SendConfig{load, probes} {
+			if _, err := env.send(ctx, onePass(l, 20000)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("binding the clients: %w", err)
+	}
+	slice := load
+	slice.Duration = 250 * time.Millisecond
+	if cfg.GSO {
+		slice.GSO, slice.Batch = true, cfg.GSOBatch
+	}
+	start := time.Now()
+	for n := 1; ; n++ {
+		before, err := socketDatagrams(env)
+		if err != nil {
+			return err
+		}
+		sent, err := env.send(ctx, slice)
+		if err != nil {
+			return err
+		}
+		after, err := socketDatagrams(env)
+		if err != nil {
+			return err
+		}
+		if got := after - before; float64(got) < 0.01*float64(sent.Sent) {
+			env.TB.Logf("bench: %d clients bound in %v (%d passes), kernel path settled after %v",
+				cfg.Clients+cfg.Probes, took.Round(time.Millisecond), passes, time.Since(start).Round(time.Millisecond))
+			return nil
+		} else if n == 40 {
+			return fmt.Errorf("the balancer's sockets still receive %d of %d datagrams after %v of load", got, sent.Sent, time.Since(start).Round(time.Millisecond))
+		}
+	}
+}
+
+// socketDatagrams is how many UDP datagrams sockets in the balancer's
+// namespace were handed or dropped for a full buffer (/proc/net/snmp Udp
+// InDatagrams + InErrors).
+func socketDatagrams(env *Env) (uint64, error) {
+	out, err := env.Balancer.Run("cat", "/proc/net/snmp")
+	if err != nil {
+		return 0, err
+	}
+	return parseUDPSnmp(out)
+}
+
+func parseUDPSnmp(snmp string) (uint64, error) {
+	var names []string
+	for _, l := range strings.Split(snmp, "\n") {
+		f := strings.Fields(l)
+		if len(f) == 0 || f[0] != "Udp:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		var sum uint64
+		for i, n := range names {
+			if (n == "InDatagrams" || n == "InErrors") && i < len(f) {
+				v, err := strconv.ParseUint(f[i], 10, 64)
+				if err != nil {
+					return 0, fmt.Errorf("bench: /proc/net/snmp Udp %s: %w", n, err)
+				}
+				sum += v
+			}
+		}
+		return sum, nil
+	}
+	return 0, errors.New("bench: no Udp lines in /proc/net/snmp")
+}
+
+// baselineLatency measures routing alone at each result's latency rate,
+// so that "added" compares like with like. For Routing its own run is the
+// baseline.
+func baselineLatency(ctx context.Context, env *Env, cfg ForwardingConfig, tgt Target, rs []Result) error {
 	base := netip.AddrPortFrom(env.BackendAddrs[0], 4500)
 	for i := range rs {
 		r := &rs[i]
@@ -152,19 +292,19 @@ func measureTarget(ctx context.Context, env *Env, cfg ForwardingConfig, tgt Targ
 			var b Result
 			b.LatencyRate = r.LatencyRate
 			if err := latencyRun(ctx, env, cfg, base, r.Size, r.LatencyRate, &b); err != nil {
-				return nil, fmt.Errorf("bench: baseline latency for %s: %w", tgt.Name(), err)
+				return fmt.Errorf("bench: baseline latency for %s: %w", tgt.Name(), err)
 			}
 			r.Baseline = b.Latency
 		}
 		r.AddedP50us = r.Latency.P50us - r.Baseline.P50us
 		r.AddedP99us = r.Latency.P99us - r.Baseline.P99us
 	}
-	return rs, nil
+	return nil
 }
 
-// measureRate runs the open-loop load Repeats times and keeps the median
-// receive rate.
-func measureRate(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.AddrPort, r *Result) error {
+// rateRun warms the target up at full load for cfg.Warmup, then measures
+// one open-loop run and appends it to r.Runs.
+func rateRun(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.AddrPort, r *Result) error {
 	load := loadgen.SendConfig{
 		Dst: dst, ClientBase: ClientBase, Clients: cfg.Clients, SrcPort: ClientPort,
 		Size: r.Size, Duration: cfg.Warmup,
@@ -176,54 +316,61 @@ func measureRate(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.
 		return err
 	}
 	load.Duration, load.Rate = cfg.Duration, cfg.Rate
-	var runs []Run
-	for range cfg.Repeats {
-		if _, err := env.drained(ctx); err != nil { // let the warm-up or last run finish
-			return err
-		}
-		if _, err := env.sinks(ctx, loadgen.CmdReset); err != nil {
-			return err
-		}
-		busy0, err := cpuBusy(env.BalancerCPU)
-		if err != nil {
-			return err
-		}
-		sent, err := env.send(ctx, load)
-		if err != nil {
-			return err
-		}
-		got, err := env.drained(ctx)
-		if err != nil {
-			return err
-		}
-		busy1, err := cpuBusy(env.BalancerCPU)
-		if err != nil {
-			return err
-		}
-		run := Run{Sent: sent.Sent, Received: got.Packets, Bad: got.Bad, SendErrors: sent.SendErrors}
-		if got.Packets > 0 {
-			run.BalancerNsPerPkt = float64(busy1-busy0) / float64(got.Packets)
-		}
-		// The socket sink times its first and last datagram; kernel
-		// counters have no times, so their window is the sender's.
-		w := got.Window()
-		if w <= 0 {
-			w = sent.Elapsed
-		}
-		if w > 0 && got.Packets > 1 {
-			run.RxPPS = float64(got.Packets) / w.Seconds()
-			run.RxMbps = float64(got.Bytes) * 8 / w.Seconds() / 1e6
-		}
-		if sent.Elapsed > 0 {
-			run.TxPPS = float64(sent.Sent) / sent.Elapsed.Seconds()
-		}
-		runs = append(runs, run)
+	if _, err := env.drained(ctx); err != nil { // let the warm-up finish
+		return err
 	}
-	r.Runs = runs
-	med := medianRun(runs)
+	if _, err := env.sinks(ctx, loadgen.CmdReset); err != nil {
+		return err
+	}
+	busy0, err := cpuBusy(env.BalancerCPU)
+	if err != nil {
+		return err
+	}
+	sent, err := env.send(ctx, load)
+	if err != nil {
+		return err
+	}
+	got, err := env.drained(ctx)
+	if err != nil {
+		return err
+	}
+	busy1, err := cpuBusy(env.BalancerCPU)
+	if err != nil {
+		return err
+	}
+	run := Run{Sent: sent.Sent, Received: got.Packets, Bad: got.Bad, SendErrors: sent.SendErrors}
+	if got.Packets > 0 {
+		run.BalancerNsPerPkt = float64(busy1-busy0) / float64(got.Packets)
+	}
+	// The socket sink times its first and last datagram; kernel
+	// counters have no times, so their window is the sender's.
+	w := got.Window()
+	if w <= 0 {
+		w = sent.Elapsed
+	}
+	if w > 0 && got.Packets > 1 {
+		run.RxPPS = float64(got.Packets) / w.Seconds()
+		run.RxMbps = float64(got.Bytes) * 8 / w.Seconds() / 1e6
+	}
+	if sent.Elapsed > 0 {
+		run.TxPPS = float64(sent.Sent) / sent.Elapsed.Seconds()
+	}
+	r.Runs = append(r.Runs, run)
+	return nil
+}
+
+// summarize sets r's rates, cost and loss from the median of its runs.
+func summarize(r *Result) {
+	if len(r.Runs) == 0 {
+		if r.Reason == "" {
+			r.Reason = "not measured"
+		}
+		return
+	}
+	med := medianRun(r.Runs)
 	r.RxPPS, r.RxMbps, r.TxPPS = med.RxPPS, med.RxMbps, med.TxPPS
-	costs := make([]float64, 0, len(runs))
-	for _, x := range runs {
+	costs := make([]float64, 0, len(r.Runs))
+	for _, x := range r.Runs {
 		if x.BalancerNsPerPkt > 0 {
 			costs = append(costs, x.BalancerNsPerPkt)
 		}
@@ -239,7 +386,6 @@ func measureRate(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.
 	if !r.Available {
 		r.Reason = fmt.Sprintf("nothing reached the backends (sent %d)", med.Sent)
 	}
-	return nil
 }
 
 func medianRun(runs []Run) Run {
@@ -287,7 +433,9 @@ func latencyRun(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.A
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
 // fillRatios sets each result's rate relative to nftables and nginx at the
-// same size.
+// same size: the median of the rounds' ratios, each run against the
+// reference's run of the same round (see RunForwarding), with the ratios
+// of the rounds kept in VsNFTRounds.
 func fillRatios(rs []Result) {
 	find := func(t Target, size int) *Result {
 		for i := range rs {
@@ -303,16 +451,27 @@ func fillRatios(rs []Result) {
 			continue
 		}
 		if n := find(NFTables{}, r.Size); n != nil && n.RxPPS > 0 {
-			r.VsNFT = r.RxPPS / n.RxPPS
-			if n.BalancerNsPerPkt > 0 && r.BalancerNsPerPkt > 0 {
-				r.CapacityVsNFT = n.BalancerNsPerPkt / r.BalancerNsPerPkt
-			}
+			r.VsNFTRounds = roundRatios(r.Runs, n.Runs, func(x Run) float64 { return x.RxPPS })
+			r.VsNFT = median(r.VsNFTRounds)
+			// Cost is the other way round: nftables' ns over the target's.
+			r.CapacityVsNFT = median(roundRatios(n.Runs, r.Runs, func(x Run) float64 { return x.BalancerNsPerPkt }))
 			if n.Latency.P99us > 0 && r.Latency.Echoed > 0 {
 				r.P99VsNFT = r.Latency.P99us / n.Latency.P99us
 			}
 		}
 		if n := find(&Nginx{}, r.Size); n != nil && n.RxPPS > 0 {
-			r.VsNginx = r.RxPPS / n.RxPPS
+			r.VsNginx = median(roundRatios(r.Runs, n.Runs, func(x Run) float64 { return x.RxPPS }))
 		}
 	}
+}
+
+// roundRatios is v(a[i]) / v(b[i]) for every round i where both are known.
+func roundRatios(a, b []Run, v func(Run) float64) []float64 {
+	var out []float64
+	for i := range min(len(a), len(b)) {
+		if x, y := v(a[i]), v(b[i]); x > 0 && y > 0 {
+			out = append(out, x/y)
+		}
+	}
+	return out
 }

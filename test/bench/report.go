@@ -27,9 +27,12 @@ type Result struct {
 	TxPPS  float64 `json:"tx_pps"`
 	Loss   float64 `json:"loss"`
 	Runs   []Run   `json:"runs,omitempty"`
-	// Rate relative to nftables and nginx at the same size (0: unknown).
-	VsNFT   float64 `json:"vs_nftables,omitempty"`
-	VsNginx float64 `json:"vs_nginx,omitempty"`
+	// Rate relative to nftables and nginx at the same size (0: unknown):
+	// the median over the rounds of the run's rate over the reference's
+	// in the same round; VsNFTRounds are those rounds' ratios.
+	VsNFT       float64   `json:"vs_nftables,omitempty"`
+	VsNFTRounds []float64 `json:"vs_nftables_rounds,omitempty"`
+	VsNginx     float64   `json:"vs_nginx,omitempty"`
 
 	// Round trips at LatencyRate (half of RxPPS) through the target, and
 	// through routing alone at the same rate; Added* are the differences.
@@ -130,11 +133,11 @@ func (r *Report) WriteTable(w io.Writer) error {
 	fmt.Fprintf(w, "machine: %s, %d cores, kernel %s, %s; generator+sinks on CPU %s, balancer on CPU %s (RPS %v); %d clients\n\n",
 		m.CPU, m.Cores, m.Kernel, m.Go, m.GenCPU, m.BalancerCPU, m.RPS, r.Clients)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "target\tsize\trx kpps\tMbit/s\tloss\t×nft\t×nginx\tCPU ns/dgram\tcapacity ×nft\tRTT p50 µs\tRTT p99 µs\tp99 ×nft\tadded p50 µs\tadded p99 µs\t")
+	fmt.Fprintln(tw, "target\tsize\trx kpps\tMbit/s\tloss\t×nft\t×nft rounds\t×nginx\tCPU ns/dgram\tcapacity ×nft\tRTT p50 µs\tRTT p99 µs\tp99 ×nft\tadded p50 µs\tadded p99 µs\t")
 	var missing []string
 	for _, x := range r.Results {
 		if !x.Available {
-			fmt.Fprintf(tw, "%s\t%d\tn/a\t\t\t\t\t\t\t\t\t\t\t\t\n", x.Target, x.Size)
+			fmt.Fprintf(tw, "%s\t%d\tn/a\t\t\t\t\t\t\t\t\t\t\t\t\t\n", x.Target, x.Size)
 			if m := fmt.Sprintf("%s: not available: %s", x.Target, oneLine(strings.TrimPrefix(x.Reason, ErrUnavailable.Error()+": "), 300)); !slices.Contains(missing, m) {
 				missing = append(missing, m)
 			}
@@ -150,8 +153,12 @@ func (r *Report) WriteTable(w io.Writer) error {
 		if x.BalancerNsPerPkt > 0 {
 			cost = fmt.Sprintf("%.0f", x.BalancerNsPerPkt)
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.0f\t%.1f%%\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
-			x.Target, x.Size, x.RxPPS/1000, x.RxMbps, 100*x.Loss, ratio(x.VsNFT), ratio(x.VsNginx), cost, ratio(x.CapacityVsNFT),
+		spread := "-"
+		if len(x.VsNFTRounds) > 1 {
+			spread = fmt.Sprintf("%.2f–%.2f", slices.Min(x.VsNFTRounds), slices.Max(x.VsNFTRounds))
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.0f\t%.1f%%\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+			x.Target, x.Size, x.RxPPS/1000, x.RxMbps, 100*x.Loss, ratio(x.VsNFT), spread, ratio(x.VsNginx), cost, ratio(x.CapacityVsNFT),
 			p50, p99, ratio(x.P99VsNFT), lat, added)
 	}
 	if err := tw.Flush(); err != nil {
@@ -164,6 +171,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 		fmt.Fprintln(w)
 	}
 	fmt.Fprintf(w, "\nrx = counted at the backends (median of runs); Mbit/s of UDP payload; loss = not received / sent at full open-loop load.\n")
+	fmt.Fprintf(w, "The runs go in rounds, every target once per round: ×nft, ×nginx and capacity ×nft are the medians of each round's ratio; ×nft rounds is their range.\n")
 	fmt.Fprintf(w, "RTT = client → balancer → backend echo → balancer → client at half the target's rate; added = RTT − routing-only RTT at the same rate.\n")
 	fmt.Fprintf(w, "CPU ns/dgram = the balancer CPU's busy time (/proc/stat: its process and the kernel's packet work) per datagram received; capacity ×nft = nftables' ns/dgram ÷ the target's: the rate one balancer core would reach relative to nftables, whatever the generator offered.\n")
 	fmt.Fprintf(w, "took %v\n", r.Took.Round(time.Second))

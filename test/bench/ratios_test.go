@@ -1,0 +1,71 @@
+package bench
+
+import (
+	"strings"
+	"testing"
+)
+
+// The ratio of a round compares runs of the same round: a machine that
+// drifts from fast to slow over the rounds moves both sides, not the ratio.
+func TestFillRatiosPerRound(t *testing.T) {
+	runs := func(pps ...float64) []Run {
+		var rs []Run
+		for _, p := range pps {
+			rs = append(rs, Run{RxPPS: p, BalancerNsPerPkt: 1e9 / p})
+		}
+		return rs
+	}
+	rs := []Result{
+		{Target: NFTables{}.Name(), Size: 64, Available: true, Runs: runs(500, 400, 300)},
+		{Target: (&Nginx{}).Name(), Size: 64, Available: true, Runs: runs(50, 40, 30)},
+		{Target: "ikelb nat", Size: 64, Available: true, Runs: runs(300, 480, 330)},
+		{Target: "ikelb nat", Size: 1400, Available: true, Runs: runs(1, 2, 3)}, // no nftables at 1400
+	}
+	for i := range rs {
+		summarize(&rs[i])
+	}
+	fillRatios(rs)
+	k := rs[2]
+	// Rounds: 0.6, 1.2, 1.1 → median 1.1, where the ratio of the two
+	// medians would say 330/400 = 0.825.
+	if !near(k.VsNFT, 1.1) || len(k.VsNFTRounds) != 3 || !near(k.VsNFTRounds[0], 0.6) {
+		t.Errorf("VsNFT = %v, rounds %v; want 1.1, [0.6 1.2 1.1]", k.VsNFT, k.VsNFTRounds)
+	}
+	if !near(k.VsNginx, 11) {
+		t.Errorf("VsNginx = %v, want 11", k.VsNginx)
+	}
+	if !near(k.CapacityVsNFT, 1.1) {
+		t.Errorf("CapacityVsNFT = %v, want 1.1", k.CapacityVsNFT)
+	}
+	if k.RxPPS != 330 {
+		t.Errorf("RxPPS = %v, want the median run's 330", k.RxPPS)
+	}
+	if got := median([]float64{1.3, 0.9}); !near(got, 1.1) {
+		t.Errorf("median of two = %v, want their mean 1.1", got)
+	}
+	if rs[3].VsNFT != 0 || rs[3].VsNFTRounds != nil {
+		t.Errorf("1400 B without an nftables row: VsNFT %v, rounds %v", rs[3].VsNFT, rs[3].VsNFTRounds)
+	}
+}
+
+func near(a, b float64) bool { return a > b-1e-9 && a < b+1e-9 }
+
+func TestParseUDPSnmp(t *testing.T) {
+	snmp := `Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 100
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+Udp: 25701 51 379916 12 379916 0 0 0 0
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+UdpLite: 7 0 0 0 0 0 0 0 0
+`
+	got, err := parseUDPSnmp(snmp)
+	if err != nil || got != 25701+379916 {
+		t.Errorf("parseUDPSnmp = %d, %v; want %d", got, err, 25701+379916)
+	}
+	if _, err := parseUDPSnmp("Ip: Forwarding\nIp: 1\n"); err == nil || !strings.Contains(err.Error(), "no Udp") {
+		t.Errorf("no Udp lines: err = %v", err)
+	}
+	if _, err := parseUDPSnmp("Udp: InDatagrams InErrors\nUdp: x 1\n"); err == nil {
+		t.Error("a non-number was read as a count")
+	}
+}
