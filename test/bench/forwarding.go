@@ -338,10 +338,18 @@ func rateRun(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.Addr
 	if err != nil {
 		return err
 	}
-	run := Run{Sent: sent.Sent, Received: got.Packets, Bad: got.Bad, SendErrors: sent.SendErrors}
+	run := newRun(sent, got)
 	if got.Packets > 0 {
 		run.BalancerNsPerPkt = float64(busy1-busy0) / float64(got.Packets)
 	}
+	r.Runs = append(r.Runs, run)
+	return nil
+}
+
+// newRun is the rates of one run from what was sent and what the sinks
+// counted.
+func newRun(sent loadgen.SendResult, got loadgen.SinkStats) Run {
+	run := Run{Sent: sent.Sent, Received: got.Packets, Bad: got.Bad, SendErrors: sent.SendErrors}
 	// The socket sink times its first and last datagram; kernel
 	// counters have no times, so their window is the sender's.
 	w := got.Window()
@@ -355,8 +363,7 @@ func rateRun(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.Addr
 	if sent.Elapsed > 0 {
 		run.TxPPS = float64(sent.Sent) / sent.Elapsed.Seconds()
 	}
-	r.Runs = append(r.Runs, run)
-	return nil
+	return run
 }
 
 // summarize sets r's rates, cost and loss from the median of its runs.

@@ -540,19 +540,7 @@ func scaleRate(ctx context.Context, env *Env, cfg ScaleForwardingConfig, tgt Tar
 		if err != nil {
 			return err
 		}
-		run := Run{Sent: sent.Sent, Received: got.Packets, Bad: got.Bad, SendErrors: sent.SendErrors}
-		w := got.Window()
-		if w <= 0 {
-			w = sent.Elapsed
-		}
-		if w > 0 && got.Packets > 1 {
-			run.RxPPS = float64(got.Packets) / w.Seconds()
-			run.RxMbps = float64(got.Bytes) * 8 / w.Seconds() / 1e6
-		}
-		if sent.Elapsed > 0 {
-			run.TxPPS = float64(sent.Sent) / sent.Elapsed.Seconds()
-		}
-		r.Runs = append(r.Runs, run)
+		r.Runs = append(r.Runs, newRun(sent, got))
 	}
 	med := medianRun(r.Runs)
 	r.RxPPS, r.TxPPS = med.RxPPS, med.TxPPS
