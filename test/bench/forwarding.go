@@ -39,8 +39,10 @@ type ForwardingConfig struct {
 	// sessions, flows and ARP entries).
 	Warmup time.Duration
 	// LatencyDuration is the length of the latency run at half the measured
-	// rate, with Probes clients sending ProbeRate probes/s in total.
+	// rate, with Probes clients sending ProbeRate probes/s in total; the
+	// latency runs go in LatencyRounds rounds (at most Repeats).
 	LatencyDuration time.Duration
+	LatencyRounds   int
 	Probes          int
 	ProbeRate       float64
 }
@@ -59,6 +61,7 @@ func DefaultForwarding(buildIkelbd func() (string, error)) ForwardingConfig {
 		Repeats:         5,
 		Warmup:          500 * time.Millisecond,
 		LatencyDuration: 3 * time.Second,
+		LatencyRounds:   3,
 		Probes:          16,
 		ProbeRate:       2000,
 	}
@@ -111,30 +114,28 @@ func RunForwarding(ctx context.Context, env *Env, cfg ForwardingConfig) ([]Resul
 			}
 		}
 	}
-	for i, tgt := range cfg.Targets {
+	for i := range rs {
 		for j := range rs[i] {
 			summarize(&rs[i][j])
 		}
-		if !rs[i][0].Available {
-			continue
-		}
-		env.TB.Logf("bench: latency: %s", tgt.Name())
-		err := withTarget(ctx, env, cfg, tgt, rs[i], func(dst netip.AddrPort) error {
-			for j := range rs[i] {
-				if err := measureLatency(ctx, env, cfg, dst, &rs[i][j]); err != nil {
-					return fmt.Errorf("%d bytes latency: %w", rs[i][j].Size, err)
-				}
+	}
+	latRounds := max(min(cfg.LatencyRounds, rounds), 1)
+	for round := range latRounds {
+		for k := range cfg.Targets {
+			i := (round + k) % len(cfg.Targets)
+			tgt := cfg.Targets[i]
+			if !rs[i][0].Available {
+				continue
 			}
-			if _, ok := tgt.(*Ikelb); ok {
-				env.TB.Logf("bench: %s: metrics: %s", tgt.Name(), ikelbMetrics(env))
+			env.TB.Logf("bench: latency round %d of %d: %s", round+1, latRounds, tgt.Name())
+			if err := latencyRound(ctx, env, cfg, tgt, rs[i]); err != nil {
+				return flatten(rs), err
 			}
-			return nil
-		})
-		if err != nil {
-			return flatten(rs), err
 		}
-		if err := baselineLatency(ctx, env, cfg, tgt, rs[i]); err != nil {
-			return flatten(rs), err
+	}
+	for i := range rs {
+		for j := range rs[i] {
+			summarizeLatency(&rs[i][j])
 		}
 	}
 	results := flatten(rs)
@@ -276,30 +277,76 @@ func parseUDPSnmp(snmp string) (uint64, error) {
 	return 0, errors.New("bench: no Udp lines in /proc/net/snmp")
 }
 
-// baselineLatency measures routing alone at each result's latency rate,
-// so that "added" compares like with like. For Routing its own run is the
-// baseline.
-func baselineLatency(ctx context.Context, env *Env, cfg ForwardingConfig, tgt Target, rs []Result) error {
+// latencyRound measures tgt's round trips at half its median rate, one
+// run per size, then routing alone at the same rates (the baseline, so
+// that "added" compares like with like; Routing is its own baseline), and
+// appends them to the results' latency rounds.
+func latencyRound(ctx context.Context, env *Env, cfg ForwardingConfig, tgt Target, rs []Result) error {
+	err := withTarget(ctx, env, cfg, tgt, rs, func(dst netip.AddrPort) error {
+		for j := range rs {
+			r := &rs[j]
+			if !r.Available {
+				continue
+			}
+			r.LatencyRate = r.RxPPS / 2
+			lat, err := latencyRun(ctx, env, cfg, dst, r.Size, r.LatencyRate)
+			if err != nil {
+				return fmt.Errorf("%d bytes latency: %w", r.Size, err)
+			}
+			r.LatencyRounds = append(r.LatencyRounds, lat)
+		}
+		if _, ok := tgt.(*Ikelb); ok {
+			env.TB.Logf("bench: %s: metrics: %s", tgt.Name(), ikelbMetrics(env))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
 	base := netip.AddrPortFrom(env.BackendAddrs[0], 4500)
-	for i := range rs {
-		r := &rs[i]
-		if !r.Available {
+	for j := range rs {
+		r := &rs[j]
+		if !r.Available || len(r.LatencyRounds) == 0 {
 			continue
 		}
-		if _, ok := tgt.(Routing); ok {
-			r.Baseline = r.Latency
-		} else {
-			var b Result
-			b.LatencyRate = r.LatencyRate
-			if err := latencyRun(ctx, env, cfg, base, r.Size, r.LatencyRate, &b); err != nil {
+		b := r.LatencyRounds[len(r.LatencyRounds)-1]
+		if _, ok := tgt.(Routing); !ok {
+			if b, err = latencyRun(ctx, env, cfg, base, r.Size, r.LatencyRate); err != nil {
 				return fmt.Errorf("bench: baseline latency for %s: %w", tgt.Name(), err)
 			}
-			r.Baseline = b.Latency
 		}
-		r.AddedP50us = r.Latency.P50us - r.Baseline.P50us
-		r.AddedP99us = r.Latency.P99us - r.Baseline.P99us
+		r.BaselineRounds = append(r.BaselineRounds, b)
 	}
 	return nil
+}
+
+// summarizeLatency sets r's latency, baseline and added latency: the
+// medians over the latency rounds, added ones of each round's difference.
+func summarizeLatency(r *Result) {
+	if len(r.LatencyRounds) == 0 {
+		return
+	}
+	r.Latency, r.Baseline = medianLatency(r.LatencyRounds), medianLatency(r.BaselineRounds)
+	var d50, d99 []float64
+	for i := range min(len(r.LatencyRounds), len(r.BaselineRounds)) {
+		d50 = append(d50, r.LatencyRounds[i].P50us-r.BaselineRounds[i].P50us)
+		d99 = append(d99, r.LatencyRounds[i].P99us-r.BaselineRounds[i].P99us)
+	}
+	r.AddedP50us, r.AddedP99us = median(d50), median(d99)
+}
+
+// medianLatency is the median of each percentile over ls, with the probes
+// of all of them.
+func medianLatency(ls []Latency) Latency {
+	var out Latency
+	var p50, p90, p99, mx []float64
+	for _, l := range ls {
+		out.Probes += l.Probes
+		out.Echoed += l.Echoed
+		p50, p90, p99, mx = append(p50, l.P50us), append(p90, l.P90us), append(p99, l.P99us), append(mx, l.MaxUs)
+	}
+	out.P50us, out.P90us, out.P99us, out.MaxUs = median(p50), median(p90), median(p99), median(mx)
+	return out
 }
 
 // rateRun warms the target up at full load for cfg.Warmup, then measures
@@ -409,18 +456,11 @@ func medianRun(runs []Run) Run {
 	return s[len(s)/2]
 }
 
-// measureLatency runs the load at half the measured rate with probes.
-func measureLatency(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.AddrPort, r *Result) error {
-	if !r.Available {
-		return nil
-	}
-	r.LatencyRate = r.RxPPS / 2
-	return latencyRun(ctx, env, cfg, dst, r.Size, r.LatencyRate, r)
-}
-
-func latencyRun(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.AddrPort, size int, rate float64, r *Result) error {
+// latencyRun runs the load at rate through dst with probes and returns
+// their round trips.
+func latencyRun(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.AddrPort, size int, rate float64) (Latency, error) {
 	if _, err := env.drained(ctx); err != nil {
-		return err
+		return Latency{}, err
 	}
 	res, err := env.send(ctx, loadgen.SendConfig{
 		Dst: dst, ClientBase: ClientBase, Clients: cfg.Clients, SrcPort: ClientPort,
@@ -428,13 +468,12 @@ func latencyRun(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.A
 		ProbeBase: ProbeBase, Probes: cfg.Probes, ProbeRate: cfg.ProbeRate,
 	})
 	if err != nil {
-		return err
+		return Latency{}, err
 	}
-	r.Latency = Latency{
+	return Latency{
 		Probes: res.ProbesSent, Echoed: res.ProbesReceived,
 		P50us: us(res.RTT.P50), P90us: us(res.RTT.P90), P99us: us(res.RTT.P99), MaxUs: us(res.RTT.Max),
-	}
-	return nil
+	}, nil
 }
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
@@ -462,9 +501,12 @@ func fillRatios(rs []Result) {
 			r.VsNFT = median(r.VsNFTRounds)
 			// Cost is the other way round: nftables' ns over the target's.
 			r.CapacityVsNFT = median(roundRatios(n.Runs, r.Runs, func(x Run) float64 { return x.BalancerNsPerPkt }))
-			if n.Latency.P99us > 0 && r.Latency.Echoed > 0 {
-				r.P99VsNFT = r.Latency.P99us / n.Latency.P99us
-			}
+			r.P99VsNFT = median(roundRatios(r.LatencyRounds, n.LatencyRounds, func(x Latency) float64 {
+				if x.Echoed == 0 {
+					return 0
+				}
+				return x.P99us
+			}))
 		}
 		if n := find(&Nginx{}, r.Size); n != nil && n.RxPPS > 0 {
 			r.VsNginx = median(roundRatios(r.Runs, n.Runs, func(x Run) float64 { return x.RxPPS }))
@@ -473,7 +515,7 @@ func fillRatios(rs []Result) {
 }
 
 // roundRatios is v(a[i]) / v(b[i]) for every round i where both are known.
-func roundRatios(a, b []Run, v func(Run) float64) []float64 {
+func roundRatios[T any](a, b []T, v func(T) float64) []float64 {
 	var out []float64
 	for i := range min(len(a), len(b)) {
 		if x, y := v(a[i]), v(b[i]); x > 0 && y > 0 {

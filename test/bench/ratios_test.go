@@ -40,6 +40,31 @@ func TestFillRatiosPerRound(t *testing.T) {
 	if k.RxPPS != 330 {
 		t.Errorf("RxPPS = %v, want the median run's 330", k.RxPPS)
 	}
+	// Latency: medians over the rounds, added = median of the rounds'
+	// differences, p99 ×nft of each round's pair.
+	lat := func(p99s ...float64) []Latency {
+		var ls []Latency
+		for _, p := range p99s {
+			ls = append(ls, Latency{Probes: 10, Echoed: 10, P50us: p / 10, P99us: p})
+		}
+		return ls
+	}
+	r := Result{Available: true, LatencyRounds: lat(1000, 3000, 2000), BaselineRounds: lat(500, 2600, 1200)}
+	summarizeLatency(&r)
+	if r.Latency.P99us != 2000 || r.Baseline.P99us != 1200 || r.Latency.Echoed != 30 {
+		t.Errorf("latency %+v, baseline %+v; want p99 medians 2000 and 1200, 30 echoed", r.Latency, r.Baseline)
+	}
+	if !near(r.AddedP99us, 500) { // differences 500, 400, 800
+		t.Errorf("AddedP99us = %v, want 500", r.AddedP99us)
+	}
+	nft := Result{Target: NFTables{}.Name(), Size: 64, Available: true, RxPPS: 1, LatencyRounds: lat(2000, 1000, 4000)}
+	r.Target, r.Size, r.RxPPS = "ikelb nat", 64, 1
+	both := []Result{nft, r}
+	fillRatios(both)
+	if !near(both[1].P99VsNFT, 0.5) { // rounds 0.5, 3, 0.5
+		t.Errorf("P99VsNFT = %v, want 0.5", both[1].P99VsNFT)
+	}
+
 	if got := median([]float64{1.3, 0.9}); !near(got, 1.1) {
 		t.Errorf("median of two = %v, want their mean 1.1", got)
 	}
