@@ -34,7 +34,8 @@ type Result struct {
 	VsNFTRounds []float64 `json:"vs_nftables_rounds,omitempty"`
 	VsNginx     float64   `json:"vs_nginx,omitempty"`
 
-	// Round trips at LatencyRate (half of RxPPS) through the target, and
+	// Round trips at LatencyRate (half of nftables' RxPPS at this size, or
+	// of the target's own where lower) through the target, and
 	// through routing alone at the same rate; Added* are the differences.
 	// Latency and Baseline are the medians over the latency rounds
 	// (LatencyRounds, BaselineRounds); Added* the medians of each round's
@@ -54,7 +55,7 @@ type Result struct {
 	BalancerNsPerPkt float64 `json:"balancer_ns_per_datagram,omitempty"`
 	CapacityVsNFT    float64 `json:"capacity_vs_nftables,omitempty"`
 	// P99VsNFT is the RTT p99 relative to nftables' at the same size, each
-	// at half its own rate (the issue's "p99 ≤ 2× nftables'"): the median
+	// at the same load (the issue's "p99 ≤ 2× nftables'"): the median
 	// of the latency rounds' ratios.
 	P99VsNFT float64 `json:"p99_vs_nftables,omitempty"`
 }
@@ -178,7 +179,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 	}
 	fmt.Fprintf(w, "\nrx = counted at the backends (median of runs); Mbit/s of UDP payload; loss = not received / sent at full open-loop load.\n")
 	fmt.Fprintf(w, "The runs go in rounds, every target once per round: ×nft, ×nginx, capacity ×nft and p99 ×nft are the medians of each round's ratio (RTT and added: medians over the latency rounds); ×nft rounds is the range of ×nft.\n")
-	fmt.Fprintf(w, "RTT = client → balancer → backend echo → balancer → client at half the target's rate; added = RTT − routing-only RTT at the same rate.\n")
+	fmt.Fprintf(w, "RTT = client → balancer → backend echo → balancer → client at half nftables' rate (half the target's own where lower); added = RTT − routing-only RTT at the same rate.\n")
 	fmt.Fprintf(w, "CPU ns/dgram = the balancer CPU's busy time (/proc/stat: its process and the kernel's packet work) per datagram received; capacity ×nft = nftables' ns/dgram ÷ the target's: the rate one balancer core would reach relative to nftables, whatever the generator offered.\n")
 	fmt.Fprintf(w, "took %v\n", r.Took.Round(time.Second))
 	return nil
