@@ -65,6 +65,9 @@ func (s *AdminServer) CreateService(ctx context.Context, req *ikelbv1.CreateServ
 	if err != nil {
 		return nil, err
 	}
+	if err := s.checkNoLoop(rec, serviceBackendField); err != nil {
+		return nil, err
+	}
 	svc, err := s.put(ctx, &raftlogv1.PutService{Service: rec, Create: true})
 	if err != nil {
 		return nil, err
@@ -94,6 +97,9 @@ func (s *AdminServer) ListServices(context.Context, *ikelbv1.ListServicesRequest
 func (s *AdminServer) UpdateService(ctx context.Context, req *ikelbv1.UpdateServiceRequest) (*ikelbv1.UpdateServiceResponse, error) {
 	rec, err := validService(req.GetService())
 	if err != nil {
+		return nil, err
+	}
+	if err := s.checkNoLoop(rec, serviceBackendField); err != nil {
 		return nil, err
 	}
 	svc, err := s.put(ctx, &raftlogv1.PutService{Service: rec, ExpectedVersion: req.GetExpectedVersion()})
@@ -137,6 +143,39 @@ func (s *AdminServer) modifyService(ctx context.Context, name string, edit func(
 	}
 }
 
+// checkNoLoop fails with InvalidArgument when rec would make ikelb
+// forward to itself through another service: one of its backends is the
+// VIP of a service listening on one of its ports, or its VIP is a backend
+// of such a service. Every datagram would come back as a new client flow
+// (nat: from the node's own address; a single datagram filled the flow
+// table in a test). backendField names the field of rec's backend i in
+// the request. A backend equal to the service's own VIP is caught by
+// validBackend. Checked against the committed services when the request
+// comes in: two racing writes can still make a loop, as with any
+// read-then-write check outside the log.
+func (s *AdminServer) checkNoLoop(rec *raftlogv1.ServiceRecord, backendField func(i int) string) error {
+	vip, _ := addrFromBytes(rec.GetVip())
+	for _, o := range s.node.fsm.services() {
+		if o.rec.GetName() == rec.GetName() {
+			continue
+		}
+		i := slices.IndexFunc(rec.GetPorts(), func(p uint32) bool { return slices.Contains(o.rec.GetPorts(), p) })
+		if i < 0 {
+			continue
+		}
+		port := rec.GetPorts()[i]
+		if j := backendIndex(rec, o.dp.VIP); j >= 0 {
+			return invalid(backendField(j), "%v is the VIP of service %q, which listens on port %d too: ikelb would forward the datagrams to itself", o.dp.VIP, o.rec.GetName(), port)
+		}
+		if backendIndex(o.rec, vip) >= 0 {
+			return invalid("service.vip", "%v is a backend of service %q, which listens on port %d too: ikelb would forward the datagrams to itself", vip, o.rec.GetName(), port)
+		}
+	}
+	return nil
+}
+
+func serviceBackendField(i int) string { return fmt.Sprintf("service.backends[%d].address", i) }
+
 // backendIndex returns the index of the backend with address addr.
 func backendIndex(r *raftlogv1.ServiceRecord, addr netip.Addr) int {
 	return slices.IndexFunc(r.GetBackends(), func(b *raftlogv1.BackendRecord) bool {
@@ -162,7 +201,7 @@ func (s *AdminServer) AddBackend(ctx context.Context, req *ikelbv1.AddBackendReq
 			return invalid("backend", "service %q already has %d backends", r.GetName(), maxBackends)
 		}
 		r.Backends = append(r.Backends, b)
-		return nil
+		return s.checkNoLoop(r, func(int) string { return "backend.address" })
 	})
 	if err != nil {
 		return nil, err

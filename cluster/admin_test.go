@@ -131,6 +131,27 @@ func TestAdminBackendOps(t *testing.T) {
 	assertCode(t, err, "InvalidArgument", "backend.address")
 	_, err = c.AddBackend(ctx, &ikelbv1.AddBackendRequest{Service: "nope", Backend: &ikelbv1.Backend{Address: "10.1.0.5"}})
 	assertCode(t, err, "NotFound", "nope")
+	// A backend that is a VIP of ikelb's own, on a port it listens on,
+	// would send every datagram back to ikelb as a new client.
+	_, err = c.AddBackend(ctx, &ikelbv1.AddBackendRequest{Service: "vpn", Backend: &ikelbv1.Backend{Address: "10.0.0.1"}})
+	assertCode(t, err, "InvalidArgument", `backend.address: "10.0.0.1" is the service's VIP`)
+	if _, err := c.CreateService(ctx, &ikelbv1.CreateServiceRequest{Service: apiService("other", "10.0.0.2", "10.1.0.9")}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.AddBackend(ctx, &ikelbv1.AddBackendRequest{Service: "vpn", Backend: &ikelbv1.Backend{Address: "10.0.0.2"}})
+	assertCode(t, err, "InvalidArgument", `backend.address: 10.0.0.2 is the VIP of service "other", which listens on port 500 too`)
+	// On ports the other service does not listen on, it is only an address.
+	alt := apiService("alt", "10.0.0.3", "10.0.0.2")
+	alt.Ports = []uint32{5500}
+	if _, err := c.CreateService(ctx, &ikelbv1.CreateServiceRequest{Service: alt}); err != nil {
+		t.Fatalf("a backend that is another service's VIP on other ports: %v", err)
+	}
+	if _, err := c.DeleteService(ctx, &ikelbv1.DeleteServiceRequest{Name: "alt"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.DeleteService(ctx, &ikelbv1.DeleteServiceRequest{Name: "other"}); err != nil {
+		t.Fatal(err)
+	}
 
 	s, err := c.SetBackend(ctx, &ikelbv1.SetBackendRequest{Service: "vpn", Address: "10.1.0.1", State: ikelbv1.BackendState_BACKEND_STATE_DRAIN})
 	if err != nil || s.GetService().GetBackends()[0].GetState() != ikelbv1.BackendState_BACKEND_STATE_DRAIN || s.GetService().GetBackends()[0].GetWeight() != 100 {
@@ -297,6 +318,9 @@ func TestAdminInvalidRequests(t *testing.T) {
 		{"bad backend", svc(func(s *ikelbv1.Service) { s.Backends[1].Address = "nope" }), "service.backends[1].address"},
 		{"mixed family", svc(func(s *ikelbv1.Service) { s.Backends[0].Address = "2001:db8::1" }), "service.backends[0].address: \"2001:db8::1\" is IPv6 but the VIP is IPv4"},
 		{"dup backend", svc(func(s *ikelbv1.Service) { s.Backends[1].Address = "10.1.0.1" }), "service.backends[1].address"},
+		{"backend is the vip", svc(func(s *ikelbv1.Service) { s.Backends[1].Address = "10.0.0.5" }), `service.backends[1].address: "10.0.0.5" is the service's VIP`},
+		{"backend is another vip", svc(func(s *ikelbv1.Service) { s.Backends[0].Address = "10.0.0.1" }), `service.backends[0].address: 10.0.0.1 is the VIP of service "vpn"`},
+		{"vip is another's backend", svc(func(s *ikelbv1.Service) { s.Vip = "10.1.0.1"; s.Backends[0].Address = "10.1.0.3" }), `service.vip: 10.1.0.1 is a backend of service "vpn"`},
 		{"weight", svc(func(s *ikelbv1.Service) { s.Backends[1].Weight = 1001 }), "service.backends[1].weight: must be 1..1000"},
 		{"state", svc(func(s *ikelbv1.Service) { s.Backends[0].State = 9 }), "service.backends[0].state"},
 		{"short timeout", svc(func(s *ikelbv1.Service) { s.PersistenceTimeout = dur(time.Millisecond) }), "service.persistence_timeout"},

@@ -109,6 +109,9 @@ func validBackend(field string, b *ikelbv1.Backend, vip netip.Addr) (*raftlogv1.
 	if a.Is4() != vip.Is4() {
 		return nil, invalid(field+".address", "%q is %s but the VIP is %s", b.GetAddress(), family(a), family(vip))
 	}
+	if a == vip {
+		return nil, invalid(field+".address", "%q is the service's VIP: ikelb would forward the datagrams to itself, one new flow per pass", b.GetAddress())
+	}
 	w := b.GetWeight()
 	if w == 0 {
 		w = defaultWeight

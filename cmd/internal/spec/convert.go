@@ -39,12 +39,48 @@ func ToProto(svcs []Service) ([]*ikelbv1.Service, error) {
 			continue
 		}
 		names[pb.Name] = i
+		errs = append(errs, loopError(svcs, out, pb, i)...)
 		out = append(out, pb)
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
 	return out, nil
+}
+
+// loopError reports services[i] (pb) forwarding to another service of the
+// file that listens on one of its ports, or being forwarded to by one:
+// ikelb would send the datagrams to itself. prev holds the services before
+// it that converted, in order, with svcs their sources.
+func loopError(svcs []Service, prev []*ikelbv1.Service, pb *ikelbv1.Service, i int) []error {
+	var errs []error
+	for _, o := range prev {
+		port := -1
+		for _, p := range pb.Ports {
+			if slices.Contains(o.Ports, p) {
+				port = int(p)
+				break
+			}
+		}
+		if port < 0 {
+			continue
+		}
+		j := slices.IndexFunc(svcs, func(s Service) bool { return s.Name == o.Name })
+		for k, b := range pb.Backends {
+			if b.Address == o.Vip {
+				rel := fmt.Sprintf("backends[%d].address", k)
+				errs = append(errs, &FieldError{Path: fmt.Sprintf("services[%d].%s", i, rel), Line: svcs[i].src.line(rel),
+					Msg: fmt.Sprintf("%s is the vip of services[%d], which listens on port %d too: ikelb would forward the datagrams to itself", b.Address, j, port)})
+			}
+		}
+		for k, b := range o.Backends {
+			if b.Address == pb.Vip {
+				errs = append(errs, &FieldError{Path: fmt.Sprintf("services[%d].vip", i), Line: svcs[i].src.line("vip"),
+					Msg: fmt.Sprintf("%s is services[%d].backends[%d], which listens on port %d too: ikelb would forward the datagrams to itself", pb.Vip, j, k, port)})
+			}
+		}
+	}
+	return errs
 }
 
 // Validate reports what ToProto would: nil when svcs are valid.
@@ -177,6 +213,9 @@ func (s *Service) toProto(prefix string) (*ikelbv1.Service, error) {
 		sameFamily(rel+".address", a)
 		if j, dup := seenAddr[a]; dup && a.IsValid() {
 			c.fail(rel+".address", "%s is already listed as backends[%d]", a, j)
+		}
+		if a.IsValid() && a == vip {
+			c.fail(rel+".address", "%s is the service's vip: ikelb would forward the datagrams to itself", a)
 		}
 		seenAddr[a] = i
 		w := b.Weight

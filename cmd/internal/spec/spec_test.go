@@ -269,6 +269,14 @@ func TestErrors(t *testing.T) {
 			`services[0].backends[7]: must be a mapping of fields, not a list (f line 12)`,
 			`services[0].backends[7].address: must be set to an IP address (f line 12)`,
 		}},
+		// Backends that are ikelb's own VIPs on its ports: every datagram
+		// would come back as a new client.
+		{"backend is the vip", svc("    backends:\n      - address: 10.0.0.2\n      - address: 10.0.0.1\n"), []string{
+			`services[0].backends[1].address: 10.0.0.1 is the service's vip: ikelb would forward the datagrams to itself (f line 6)`}},
+		{"backend is another vip", svc("  - name: b\n    vip: 10.0.0.9\n    backends: [{address: 10.0.0.1}]\n"), []string{
+			`services[1].backends[0].address: 10.0.0.1 is the vip of services[0], which listens on port 500 too: ikelb would forward the datagrams to itself (f line 6)`}},
+		{"vip is another's backend", svc("    backends: [{address: 10.0.0.9}]\n  - name: b\n    vip: 10.0.0.9\n    ports: [4500]\n"), []string{
+			`services[1].vip: 10.0.0.9 is services[0].backends[0], which listens on port 4500 too: ikelb would forward the datagrams to itself (f line 6)`}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
