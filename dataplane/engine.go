@@ -199,6 +199,12 @@ func (e *Engine) SetServices(services []Service) error {
 		go l.run()
 		e.log.Info("listener opened", slog.String("listen_addr", ap.String()), slog.Uint64("service_id", uint64(id)),
 			slog.String("mode", sv.svc.Mode.String()))
+		if on, err := addrOnHost(ap.Addr()); err == nil && !on {
+			// Bound anyway (IP_FREEBIND): a VRRP backup has no VIP yet.
+			// Said once per listener, for the operator who forgot it.
+			e.log.Info("the VIP is on none of this host's interfaces: nothing arrives until it is added (ip addr, keepalived) or routed here",
+				slog.String("vip", ap.Addr().String()))
+		}
 	}
 	e.views, e.counters = views, counters
 

@@ -179,3 +179,32 @@ func localAddrPort(uc *net.UDPConn) netip.AddrPort {
 	}
 	return netip.AddrPort{}
 }
+
+// addrOnHost reports whether a is an address of one of the host's
+// interfaces (in a loopback interface's prefix counts: 127.0.0.0/8).
+func addrOnHost(a netip.Addr) (bool, error) {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return false, err
+	}
+	for _, ifc := range ifs {
+		addrs, err := ifc.Addrs()
+		if err != nil {
+			continue
+		}
+		for _, x := range addrs {
+			n, ok := x.(*net.IPNet)
+			if !ok {
+				continue
+			}
+			p, err := netip.ParsePrefix(n.String())
+			if err != nil {
+				continue
+			}
+			if p.Addr().Unmap() == a || (ifc.Flags&net.FlagLoopback != 0 && p.Contains(a)) {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
+}

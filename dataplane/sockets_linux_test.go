@@ -110,3 +110,16 @@ func TestListenReusePort(t *testing.T) {
 		t.Fatalf("a listener without SO_REUSEPORT bound %v twice", addr)
 	}
 }
+
+func TestAddrOnHost(t *testing.T) {
+	for a, want := range map[string]bool{
+		"127.0.0.1":   true,
+		"127.0.0.3":   true,  // in lo's 127.0.0.0/8
+		"192.0.2.123": false, // TEST-NET-1: on no interface of a test machine
+	} {
+		got, err := addrOnHost(netip.MustParseAddr(a))
+		if err != nil || got != want {
+			t.Errorf("addrOnHost(%s) = %v, %v; want %v", a, got, err, want)
+		}
+	}
+}
