@@ -14,7 +14,7 @@ import (
 )
 
 var (
-	suite    = flag.String("suite", "", "benchmark suite to run: forwarding (needs root; about 5 minutes)")
+	suite    = flag.String("suite", "", "benchmark suite to run: forwarding (needs root; about 7 minutes)")
 	out      = flag.String("out", "forwarding-results.json", "file for the JSON results of -suite")
 	targets  = flag.String("targets", "", "comma-separated subset of targets: routing,nftables,nftables-masq,nginx,ikelb-nat,ikelb-transparent")
 	sizes    = flag.String("sizes", "", "comma-separated datagram sizes (default 64,1400)")
@@ -47,7 +47,7 @@ func helper(t *testing.T) string {
 //	sudo go test ./test/bench -run TestForwarding -v -count=1 -timeout 20m -suite=forwarding
 func TestForwarding(t *testing.T) {
 	if *suite != "forwarding" {
-		t.Skip("run with -suite=forwarding (root; about 5 minutes)")
+		t.Skip("run with -suite=forwarding (root; about 7 minutes)")
 	}
 	started := time.Now()
 	env := NewEnv(t, helper(t), 3, *count)

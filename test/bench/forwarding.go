@@ -47,7 +47,7 @@ type ForwardingConfig struct {
 	ProbeRate       float64
 }
 
-// DefaultForwarding is the full suite: about 6 minutes.
+// DefaultForwarding is the full suite: about 7 minutes.
 func DefaultForwarding(buildIkelbd func() (string, error)) ForwardingConfig {
 	return ForwardingConfig{
 		Targets: []Target{

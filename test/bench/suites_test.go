@@ -165,7 +165,7 @@ func TestScale(t *testing.T) {
 //	sudo go test ./test/bench -run 'TestFailover$' -v -count=1 -timeout 20m -suite=failover
 func TestFailover(t *testing.T) {
 	if *suite != "failover" {
-		t.Skip("run with -suite=failover (root; about 6 minutes)")
+		t.Skip("run with -suite=failover (root; about 3 minutes)")
 	}
 	netns.Require(t, "ip", "nft", "keepalived")
 	started := time.Now()
