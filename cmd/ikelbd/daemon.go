@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/ikelb/ikelb/cluster"
 	"github.com/ikelb/ikelb/cluster/membership"
@@ -211,6 +213,40 @@ func startDaemonWith(ctx context.Context, cfg *Config, logger *slog.Logger, opts
 	return d, nil
 }
 
+// configDrift names the fields in which the config file's service (every
+// default filled in) differs from the committed one; none when they agree
+// or the committed one cannot be read. Output-only fields are ignored.
+func (d *daemon) configDrift(ctx context.Context, admin *cluster.AdminServer, want *ikelbv1.Service) []string {
+	r, err := admin.GetService(ctx, &ikelbv1.GetServiceRequest{Name: want.GetName()})
+	if err != nil {
+		return nil
+	}
+	return serviceDiff(want, r.GetService())
+}
+
+// serviceDiff names the top-level fields of want that got does not have,
+// ignoring the output-only version and backend health.
+func serviceDiff(want, got *ikelbv1.Service) []string {
+	got = proto.Clone(got).(*ikelbv1.Service)
+	got.Version = 0
+	for _, b := range got.GetBackends() {
+		b.Health, b.HealthChanged = 0, nil
+	}
+	var diff []string
+	fields := want.ProtoReflect().Descriptor().Fields()
+	for i := range fields.Len() {
+		f := fields.Get(i)
+		if f.Name() == "version" {
+			continue
+		}
+		w, g := want.ProtoReflect(), got.ProtoReflect()
+		if !w.Get(f).Equal(g.Get(f)) {
+			diff = append(diff, string(f.Name()))
+		}
+	}
+	return diff
+}
+
 // createInitialServices creates the config file's services that the
 // replicated state does not have yet, once this node can write.
 func (d *daemon) createInitialServices(ctx context.Context, svcs []*ikelbv1.Service) {
@@ -224,7 +260,12 @@ func (d *daemon) createInitialServices(ctx context.Context, svcs []*ikelbv1.Serv
 			}
 			switch status.Code(err) {
 			case codes.AlreadyExists:
-				d.log.Info("service from config already exists; the replicated state wins", "service", s.GetName())
+				if diff := d.configDrift(ctx, admin, s); len(diff) > 0 {
+					d.log.Warn("service in config differs from the replicated state, which wins: change it with ikelbctl apply -f (the config file only creates missing services)",
+						"service", s.GetName(), "differs", strings.Join(diff, ","))
+				} else {
+					d.log.Info("service from config already exists; the replicated state wins", "service", s.GetName())
+				}
 			case codes.InvalidArgument, codes.FailedPrecondition:
 				d.log.Error("service in config rejected", "service", s.GetName(), "err", err)
 			default:
