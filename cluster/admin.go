@@ -487,7 +487,7 @@ func (s *AdminServer) GetNodeStatus(context.Context, *ikelbv1.GetNodeStatusReque
 		Name: st.Name, Version: s.node.cfg.Version, RaftState: st.RaftState, Leader: st.Leader,
 		LastIndex: st.LastIndex, CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex,
 		Degraded: st.Degraded, Services: uint32(st.Services), Affinities: uint64(st.Affinities),
-		ProposalsDropped: st.ProposalsDropped, Role: st.Role,
+		ProposalsDropped: st.ProposalsDropped, Role: st.Role, DataplaneError: s.node.DataplaneError(),
 	}
 	if !st.Started.IsZero() {
 		resp.Started = timestamppb.New(st.Started)

@@ -44,6 +44,7 @@ type Node struct {
 
 	bootstrapped  atomic.Bool            // this node bootstrapped the cluster in this run
 	bootstrapWait atomic.Pointer[string] // why runBootstrap has not bootstrapped (yet)
+	dpErr         atomic.Pointer[string] // why the dataplane rejected the committed services; nil: it runs them
 
 	mu sync.Mutex
 	// mu guards the following.
@@ -259,22 +260,58 @@ func (n *Node) running() bool {
 	return n.state == stateRunning
 }
 
+// dataplaneRetry is how often a service set the dataplane rejected (a
+// listener that could not open: a port held by another process, or below
+// 1024 without the capability) is handed to it again. A variable for tests.
+var dataplaneRetry = 5 * time.Second
+
 // runDataplaneUpdates hands every committed service set to the dataplane,
-// off raft's FSM goroutine.
+// off raft's FSM goroutine. A set it rejects is retried every
+// dataplaneRetry until it takes it or a newer set comes; meanwhile
+// DataplaneError says why (the node is not ready).
 func (n *Node) runDataplaneUpdates(ctx context.Context) {
+	var retry <-chan time.Time
+	var last []dataplane.Service
+	apply := func() {
+		retry = nil
+		err := n.dp.SetServices(last)
+		prev := n.dpErr.Load()
+		if err == nil {
+			if prev != nil {
+				n.log.Info("dataplane runs the committed services again", "services", len(last))
+			}
+			n.dpErr.Store(nil)
+			return
+		}
+		msg := err.Error()
+		if prev == nil || *prev != msg {
+			n.log.Error("dataplane rejected the committed services; retrying", "services", len(last), "error", err,
+				"retry_every", dataplaneRetry)
+		}
+		n.dpErr.Store(&msg)
+		retry = time.After(dataplaneRetry)
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case set := <-n.fsm.Updates():
-			if n.dp == nil {
-				continue
+		case last = <-n.fsm.Updates():
+			if n.dp != nil {
+				apply()
 			}
-			if err := n.dp.SetServices(set); err != nil {
-				n.log.Error("dataplane rejected the committed services", "services", len(set), "error", err)
-			}
+		case <-retry:
+			apply()
 		}
 	}
+}
+
+// DataplaneError is why the dataplane could not apply the committed
+// services, or "" when it runs them all.
+func (n *Node) DataplaneError() string {
+	if p := n.dpErr.Load(); p != nil {
+		return *p
+	}
+	return ""
 }
 
 // Proposer returns the batcher the dataplane proposes binds and touches to.

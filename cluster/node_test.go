@@ -2,8 +2,10 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -37,6 +39,7 @@ type fakeEngine struct {
 	sets     [][]dataplane.Service
 	counters []dataplane.ServiceCounters
 	flows    int
+	fail     int // SetServices calls still to fail
 }
 
 func (e *fakeEngine) Flows() int {
@@ -49,6 +52,10 @@ func (e *fakeEngine) SetServices(s []dataplane.Service) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.sets = append(e.sets, s)
+	if e.fail > 0 {
+		e.fail--
+		return errors.New("listen failed: 10.0.0.1:500: bind: address already in use")
+	}
 	return nil
 }
 
@@ -369,5 +376,41 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if err := (Config{Name: "a", DataDir: "x"}).Validate(); err != nil {
 		t.Fatalf("defaults invalid: %v", err)
+	}
+}
+
+// A service set the dataplane rejects (a listener that could not open) is
+// retried until it takes it; meanwhile the node says why, and the admin
+// API's node status carries it.
+func TestDataplaneRejectionRetried(t *testing.T) {
+	// Restored after the node stops: cleanups run last-registered first.
+	old := dataplaneRetry
+	t.Cleanup(func() { dataplaneRetry = old })
+	dataplaneRetry = 50 * time.Millisecond
+	eng := &fakeEngine{fail: 3}
+	n, c := adminNode(t, eng)
+	if _, err := c.CreateService(context.Background(), &ikelbv1.CreateServiceRequest{Service: apiService("vpn", "10.0.0.1", "10.1.0.1")}); err != nil {
+		t.Fatal(err)
+	}
+	var seen string
+	waitFor(t, "the dataplane error to show and clear", func() bool {
+		if e := n.DataplaneError(); e != "" {
+			seen = e
+			st, err := c.GetNodeStatus(context.Background(), &ikelbv1.GetNodeStatusRequest{})
+			if err != nil || st.GetDataplaneError() != e {
+				t.Errorf("node status dataplane_error = %q, %v; want %q", st.GetDataplaneError(), err, e)
+			}
+		}
+		eng.mu.Lock()
+		defer eng.mu.Unlock()
+		return eng.fail == 0 && n.DataplaneError() == ""
+	})
+	if !strings.Contains(seen, "address already in use") {
+		t.Errorf("DataplaneError never showed the rejection (saw %q)", seen)
+	}
+	eng.mu.Lock()
+	defer eng.mu.Unlock()
+	if last := eng.sets[len(eng.sets)-1]; len(last) != 1 || last[0].Name != "vpn" {
+		t.Errorf("the set applied last is %+v, want the committed vpn service", last)
 	}
 }

@@ -100,6 +100,8 @@ func notReady(st *ikelbv1.GetNodeStatusResponse, allowDegraded bool) string {
 		return "no raft leader"
 	case st.GetServices() == 0:
 		return "no services"
+	case st.GetDataplaneError() != "":
+		return "dataplane: " + st.GetDataplaneError()
 	}
 	return ""
 }

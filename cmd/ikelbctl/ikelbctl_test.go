@@ -379,6 +379,7 @@ func TestObservabilityCommands(t *testing.T) {
 		"Leader:            lb1",
 		"Indexes:           last 120, commit 119, applied 118",
 		"Degraded:          no",
+		"Dataplane:         ok",
 		"Services:          2",
 		"Affinities:        2",
 		"Proposals dropped: 7",
@@ -564,6 +565,9 @@ func TestCheckReady(t *testing.T) {
 		{"no leader", func(s *ikelbv1.GetNodeStatusResponse) { s.Leader = "" }, nil, exitError, "not ready: no raft leader\n"},
 		{"no services", func(s *ikelbv1.GetNodeStatusResponse) { s.Services = 0 }, nil, exitError, "not ready: no services\n"},
 		{"witness", func(s *ikelbv1.GetNodeStatusResponse) { s.Role = "witness" }, nil, exitError, "not ready: node is a witness (no dataplane)\n"},
+		{"dataplane error", func(s *ikelbv1.GetNodeStatusResponse) {
+			s.DataplaneError = "listen failed: 10.0.0.1:500: bind: permission denied"
+		}, nil, exitError, "not ready: dataplane: listen failed: 10.0.0.1:500: bind: permission denied\n"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newFake()

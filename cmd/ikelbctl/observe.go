@@ -99,6 +99,10 @@ func newStatusCmd(a *app) *cobra.Command {
 			if st.GetDegraded() {
 				degraded += " (no raft quorum: forwarding by the last committed table)"
 			}
+			dp := "ok"
+			if e := st.GetDataplaneError(); e != "" {
+				dp = "error (retrying): " + e
+			}
 			return keyValues(a.stdout,
 				"Node", st.GetName(),
 				"Version", st.GetVersion(),
@@ -107,6 +111,7 @@ func newStatusCmd(a *app) *cobra.Command {
 				"Leader", st.GetLeader(),
 				"Indexes", fmt.Sprintf("last %d, commit %d, applied %d", st.GetLastIndex(), st.GetCommitIndex(), st.GetAppliedIndex()),
 				"Degraded", degraded,
+				"Dataplane", dp,
 				"Services", strconv.FormatUint(uint64(st.GetServices()), 10),
 				"Affinities", strconv.FormatUint(st.GetAffinities(), 10),
 				"Proposals dropped", strconv.FormatUint(st.GetProposalsDropped(), 10),

@@ -308,6 +308,9 @@ func (d *daemon) ready() (bool, string) {
 	if st.Degraded {
 		return false, "degraded: no raft leader reachable"
 	}
+	if e := d.node.DataplaneError(); e != "" {
+		return false, "dataplane: " + e
+	}
 	return true, "ok"
 }
 

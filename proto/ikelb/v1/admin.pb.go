@@ -2278,8 +2278,13 @@ type GetNodeStatusResponse struct {
 	ProposalsDropped uint64                 `protobuf:"varint,11,opt,name=proposals_dropped,json=proposalsDropped,proto3" json:"proposals_dropped,omitempty"`
 	Started          *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=started,proto3" json:"started,omitempty"`
 	Role             string                 `protobuf:"bytes,13,opt,name=role,proto3" json:"role,omitempty"` // "voter" or "witness"
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Why the dataplane could not apply the committed services (a listener
+	// that failed to open, e.g. a port held by another process, or below 1024
+	// without CAP_NET_BIND_SERVICE); empty when it runs them all. The node
+	// retries every few seconds and is not ready meanwhile.
+	DataplaneError string `protobuf:"bytes,14,opt,name=dataplane_error,json=dataplaneError,proto3" json:"dataplane_error,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GetNodeStatusResponse) Reset() {
@@ -2399,6 +2404,13 @@ func (x *GetNodeStatusResponse) GetStarted() *timestamppb.Timestamp {
 func (x *GetNodeStatusResponse) GetRole() string {
 	if x != nil {
 		return x.Role
+	}
+	return ""
+}
+
+func (x *GetNodeStatusResponse) GetDataplaneError() string {
+	if x != nil {
+		return x.DataplaneError
 	}
 	return ""
 }
@@ -2761,7 +2773,7 @@ const file_ikelb_v1_admin_proto_rawDesc = "" +
 	"\aservice\x18\x01 \x01(\tR\aservice\"L\n" +
 	"\x13GetCountersResponse\x125\n" +
 	"\bservices\x18\x01 \x03(\v2\x19.ikelb.v1.ServiceCountersR\bservices\"\x16\n" +
-	"\x14GetNodeStatusRequest\"\xb2\x03\n" +
+	"\x14GetNodeStatusRequest\"\xdb\x03\n" +
 	"\x15GetNodeStatusResponse\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x1d\n" +
@@ -2780,7 +2792,8 @@ const file_ikelb_v1_admin_proto_rawDesc = "" +
 	"affinities\x12+\n" +
 	"\x11proposals_dropped\x18\v \x01(\x04R\x10proposalsDropped\x124\n" +
 	"\astarted\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\astarted\x12\x12\n" +
-	"\x04role\x18\r \x01(\tR\x04role\"\xa5\x02\n" +
+	"\x04role\x18\r \x01(\tR\x04role\x12'\n" +
+	"\x0fdataplane_error\x18\x0e \x01(\tR\x0edataplaneError\"\xa5\x02\n" +
 	"\rClusterMember\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x0egossip_address\x18\x02 \x01(\tR\rgossipAddress\x12!\n" +
