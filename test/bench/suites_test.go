@@ -149,8 +149,8 @@ func TestScale(t *testing.T) {
 			t.Fatal(err)
 		}
 		rep.FwdNote = fmt.Sprintf("load: %d loadgen processes at once in the client namespace sharing the clients, one UDP socket per client address, %d datagrams per sendmmsg per client turn (round-robin over each process's clients) so that every client sends within each run; "+
-			"ikelb: passes of one datagram per client at %.0f/s until its table holds every client; then a %v warm-up (every client sends, flows open, the kernel takes established clients); fresh balancer per client count; %s; "+
-			"ikelbd's NAT engine caps upstream flows at dataplane.DefaultMaxFlows = %d", fc.Senders, fc.Batch, fc.BindRate, fc.Warmup, nofile, dataplane.DefaultMaxFlows)
+			"ikelb: passes of one datagram per client at %.0f/s until its table holds every client; then the full load in %v slices until the balancer's sockets get under 1%% of a slice (the kernel path took every client over; at most %v); routing: a %v warm-up; fresh balancer per client count; %s; "+
+			"ikelbd's NAT engine caps upstream flows at dataplane.DefaultMaxFlows = %d", fc.Senders, fc.Batch, fc.BindRate, fc.Warmup/2, fc.MaxSettle, fc.Warmup, nofile, dataplane.DefaultMaxFlows)
 	}
 	rep.Took = time.Since(started)
 	report(t, "scale", rep, rep)

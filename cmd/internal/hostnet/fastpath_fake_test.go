@@ -22,6 +22,7 @@ type fakeKernel struct {
 	forgotten  []mapOp
 	installs   int
 	handedOver []ctFlow
+	sweeps     int
 	// rehook: the next refresh reports changed interfaces.
 	rehook bool
 }
@@ -85,6 +86,13 @@ func (k *fakeKernel) handover(flows []ctFlow) error {
 	defer k.mu.Unlock()
 	k.handedOver = append(k.handedOver, flows...)
 	return nil
+}
+
+func (k *fakeKernel) sweep(svcs map[uint32]*fastService, forwards func(dataplane.ClientKey) bool) (int, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.sweeps++
+	return 0, nil
 }
 
 func (k *fakeKernel) refresh(map[uint32]*fastService) (bool, error) {
@@ -296,5 +304,44 @@ func TestFastPathHandover(t *testing.T) {
 			t.Fatalf("%d flows handed over, want the first and at least %d", len(got), handoverQueue/2)
 		}
 		time.Sleep(5 * time.Millisecond) // polling the fast path's goroutine, with a deadline
+	}
+}
+
+// Many handovers between two polls (here: more than the queue holds) ask
+// for a sweep at the next poll (one dump for every client still reaching
+// the listener), and a single one does not.
+func TestFastPathSweepsWhenHandoversOverflow(t *testing.T) {
+	a := netip.MustParseAddr
+	k := newFakeKernel()
+	fp := startFastPath(FastPathConfig{Logger: slogDiscard, Table: dataplane.NewTable(), Poll: 5 * time.Millisecond}, k)
+	defer fp.Close()
+	fp.transparent(fp.setServices([]dataplane.Service{{ID: 7, Mode: dataplane.ModeNAT, VIP: a("10.0.100.1"), Ports: []uint16{4500},
+		Backends: []dataplane.Backend{{ID: 1, Addr: a("10.0.0.11"), Weight: 1, State: dataplane.StateActive}}}}), 5*time.Second)
+	sweeps := func() int {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		return k.sweeps
+	}
+	vip := netip.MustParseAddrPort("10.0.100.1:4500")
+	fp.Handover(netip.MustParseAddrPort("10.1.0.1:4500"), vip)
+	time.Sleep(50 * time.Millisecond) // ten polls
+	if n := sweeps(); n != 0 {
+		t.Fatalf("%d sweeps after one handover, want 0", n)
+	}
+	for i := range 4 * handoverQueue {
+		fp.Handover(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), vip)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for sweeps() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no sweep after the handover queue overflowed")
+		}
+		time.Sleep(5 * time.Millisecond) // polling the fast path's goroutine, with a deadline
+	}
+	time.Sleep(20 * time.Millisecond) // the overflow's own polls
+	n := sweeps()
+	time.Sleep(50 * time.Millisecond) // ten more polls, without an overflow
+	if m := sweeps(); m != n {
+		t.Errorf("sweeps went on without an overflow: %d, then %d", n, m)
 	}
 }
