@@ -233,14 +233,10 @@ func serviceDiff(want, got *ikelbv1.Service) []string {
 		b.Health, b.HealthChanged = 0, nil
 	}
 	var diff []string
-	fields := want.ProtoReflect().Descriptor().Fields()
+	w, g := want.ProtoReflect(), got.ProtoReflect()
+	fields := w.Descriptor().Fields()
 	for i := range fields.Len() {
-		f := fields.Get(i)
-		if f.Name() == "version" {
-			continue
-		}
-		w, g := want.ProtoReflect(), got.ProtoReflect()
-		if !w.Get(f).Equal(g.Get(f)) {
+		if f := fields.Get(i); !w.Get(f).Equal(g.Get(f)) {
 			diff = append(diff, string(f.Name()))
 		}
 	}
