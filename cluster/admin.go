@@ -309,7 +309,12 @@ func (s *AdminServer) clientKey(name, client string) (*service, dataplane.Client
 	if err != nil {
 		return nil, dataplane.ClientKey{}, err
 	}
-	return svc, dataplane.ClientKey{Service: svc.rec.GetId(), Client: dataplane.AddrFrom(c.Unmap())}, nil
+	c = c.Unmap()
+	if c.Is4() != svc.dp.VIP.Is4() {
+		// No such client can exist: say so rather than "not found".
+		return nil, dataplane.ClientKey{}, invalid("client", "%q is %s but service %q's VIP is %s", client, family(c), name, family(svc.dp.VIP))
+	}
+	return svc, dataplane.ClientKey{Service: svc.rec.GetId(), Client: dataplane.AddrFrom(c)}, nil
 }
 
 func (s *AdminServer) LookupAffinity(_ context.Context, req *ikelbv1.LookupAffinityRequest) (*ikelbv1.LookupAffinityResponse, error) {

@@ -377,6 +377,10 @@ func TestAdminInvalidRequests(t *testing.T) {
 			_, err := c.LookupAffinity(ctx, &ikelbv1.LookupAffinityRequest{Service: "vpn", Client: "1.2.3"})
 			return err
 		}, `client: "1.2.3" is not an IP address`},
+		{"lookup client of the other family", func() error {
+			_, err := c.LookupAffinity(ctx, &ikelbv1.LookupAffinityRequest{Service: "vpn", Client: "2001:db8::7"})
+			return err
+		}, `client: "2001:db8::7" is IPv6 but service "vpn"'s VIP is IPv4`},
 		{"lookup no client", func() error {
 			_, err := c.LookupAffinity(ctx, &ikelbv1.LookupAffinityRequest{Service: "vpn"})
 			return err
