@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -136,11 +137,22 @@ func freeGossipAddr(t *testing.T) string {
 			continue
 		}
 		u.Close()
+		// The port is free again once closed, and the kernel hands it
+		// out again: addresses are taken before the nodes start, and
+		// two nodes once got the same one (CI: "bind: address already
+		// in use" for n3 on n1's gossip port).
+		if _, dup := gossipAddrsGiven.LoadOrStore(addr, true); dup {
+			continue
+		}
 		return addr
 	}
 	t.Fatal("no port free for both TCP and UDP")
 	return ""
 }
+
+// gossipAddrsGiven holds every address freeGossipAddr returned in this
+// test process.
+var gossipAddrsGiven sync.Map
 
 // addShared adds, without starting them, nodes that share one configuration:
 // a join list naming every one of them (each its own address included) and
