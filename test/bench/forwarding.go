@@ -76,8 +76,8 @@ func DefaultForwarding(buildIkelbd func() (string, error)) ForwardingConfig {
 // order rotated from round to round), measures one run per size and stops
 // it. On this shared VM the machine's speed drifts by ±20 % over tens of
 // seconds; measured target after target, that drift lands in the ratios.
-// In rounds, every ratio compares runs minutes apart at most seconds apart,
-// and the reported ratio is the median of the rounds' ratios (fillRatios).
+// In rounds, every ratio compares runs seconds apart, not minutes, and the
+// reported ratio is the median of the rounds' ratios (fillRatios).
 // The latency runs follow, in rounds of their own (LatencyRounds).
 func RunForwarding(ctx context.Context, env *Env, cfg ForwardingConfig) ([]Result, error) {
 	if len(cfg.Targets) == 0 {
@@ -230,26 +230,53 @@ func settleIkelb(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.
 	if cfg.GSO {
 		slice.GSO, slice.Batch = true, cfg.GSOBatch
 	}
+	st, err := untilSocketsQuiet(env, 10*time.Second, func() (uint64, error) {
+		res, err := env.send(ctx, slice)
+		return res.Sent, err
+	})
+	if err != nil {
+		return err
+	}
+	if !st.settled {
+		return fmt.Errorf("the balancer's sockets still receive %d of %d datagrams after %v of load", st.got, st.sent, st.took.Round(time.Millisecond))
+	}
+	env.TB.Logf("bench: %d clients bound in %v (%d passes), kernel path settled after %v",
+		cfg.Clients+cfg.Probes, took.Round(time.Millisecond), passes, st.took.Round(time.Millisecond))
+	return nil
+}
+
+// settling is how untilSocketsQuiet ended: after how long, whether the
+// sockets went quiet, and the last slice's datagrams at the sockets and
+// sent.
+type settling struct {
+	took      time.Duration
+	settled   bool
+	got, sent uint64
+}
+
+// untilSocketsQuiet runs send (one slice of the full load; it returns the
+// datagrams it sent) until the balancer namespace's sockets receive under
+// 1 % of a slice: the kernel path has taken every client over. It stops
+// unsettled once maxWait has passed.
+func untilSocketsQuiet(env *Env, maxWait time.Duration, send func() (uint64, error)) (settling, error) {
 	start := time.Now()
-	for n := 1; ; n++ {
+	for {
 		before, err := socketDatagrams(env)
 		if err != nil {
-			return err
+			return settling{}, err
 		}
-		sent, err := env.send(ctx, slice)
+		sent, err := send()
 		if err != nil {
-			return err
+			return settling{}, err
 		}
 		after, err := socketDatagrams(env)
 		if err != nil {
-			return err
+			return settling{}, err
 		}
-		if got := after - before; float64(got) < 0.01*float64(sent.Sent) {
-			env.TB.Logf("bench: %d clients bound in %v (%d passes), kernel path settled after %v",
-				cfg.Clients+cfg.Probes, took.Round(time.Millisecond), passes, time.Since(start).Round(time.Millisecond))
-			return nil
-		} else if n == 40 {
-			return fmt.Errorf("the balancer's sockets still receive %d of %d datagrams after %v of load", got, sent.Sent, time.Since(start).Round(time.Millisecond))
+		st := settling{took: time.Since(start), got: after - before, sent: sent}
+		st.settled = float64(st.got) < 0.01*float64(sent)
+		if st.settled || st.took >= maxWait {
+			return st, nil
 		}
 	}
 }

@@ -404,8 +404,8 @@ func bindAll(ctx context.Context, env *Env, cfg ScaleForwardingConfig, load load
 }
 
 // settleScale runs the full load, in slices of cfg.Warmup/2 (every client
-// sends in each, at 100,000 clients too), until the
-// balancer namespace's sockets receive under 1 % of a slice's datagrams:
+// sends in each, at 100,000 clients too), until the balancer namespace's
+// sockets receive under 1 % of a slice's datagrams (untilSocketsQuiet):
 // every client's userspace flow has handed it over to the kernel path (in
 // nat mode, its conntrack entry to the listener deleted). It records how
 // long that took; after cfg.MaxSettle it records that it did not settle
@@ -416,31 +416,19 @@ func bindAll(ctx context.Context, env *Env, cfg ScaleForwardingConfig, load load
 func settleScale(ctx context.Context, env *Env, cfg ScaleForwardingConfig, load loadgen.SendConfig, r *FwdScaleResult) error {
 	slice := load
 	slice.Duration = max(cfg.Warmup/2, 250*time.Millisecond)
-	start := time.Now()
-	for {
-		before, err := socketDatagrams(env)
-		if err != nil {
-			return err
-		}
-		sent, err := sendSplit(ctx, env, slice, cfg.Senders)
-		if err != nil {
-			return err
-		}
-		after, err := socketDatagrams(env)
-		if err != nil {
-			return err
-		}
-		r.SettleSeconds = time.Since(start).Seconds()
-		if float64(after-before) < 0.01*float64(sent.Sent) {
-			r.Settled = true
-			return nil
-		}
-		if time.Since(start) >= cfg.MaxSettle {
-			env.TB.Logf("bench: %s with %d clients: the balancer's sockets still got %d of %d datagrams after %.0f s of full load; measuring anyway",
-				r.Target, r.Clients, after-before, sent.Sent, r.SettleSeconds)
-			return nil
-		}
+	st, err := untilSocketsQuiet(env, cfg.MaxSettle, func() (uint64, error) {
+		res, err := sendSplit(ctx, env, slice, cfg.Senders)
+		return res.Sent, err
+	})
+	if err != nil {
+		return err
 	}
+	r.SettleSeconds, r.Settled = st.took.Seconds(), st.settled
+	if !st.settled {
+		env.TB.Logf("bench: %s with %d clients: the balancer's sockets still got %d of %d datagrams after %.0f s of full load; measuring anyway",
+			r.Target, r.Clients, st.got, st.sent, r.SettleSeconds)
+	}
+	return nil
 }
 
 // onePass is load as one datagram per client at rate.
