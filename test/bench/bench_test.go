@@ -135,7 +135,7 @@ func shortName(t Target) string {
 // TestForwardingSmoke runs the harness end to end on the kernel targets with
 // short runs: traffic must reach the backends through routing and through
 // nftables, spread over all three backends by nftables, and probes must come
-// back.
+// back, stamped.
 func TestForwardingSmoke(t *testing.T) {
 	env := NewEnv(t, helper(t), 3, CountSocket)
 	cfg := ForwardingConfig{
@@ -159,6 +159,12 @@ func TestForwardingSmoke(t *testing.T) {
 		}
 		if r.Latency.Echoed == 0 || r.Latency.P99us <= 0 {
 			t.Errorf("%s: no probe came back: %+v", r.Target, r.Latency)
+		}
+		// The sinks stamp the latency runs' probes (both ways through
+		// the balancer's namespace): a network round trip for each
+		// echo, within the round trip the prober saw.
+		if l := r.Latency; l.NetN != int(l.Echoed) || l.NetP50us <= 0 || l.NetP50us > l.P50us || l.RequestP50 <= 0 || l.ReplyP50 <= 0 {
+			t.Errorf("%s: network round trips %+v", r.Target, l)
 		}
 	}
 	if results[1].VsNFT != 1 {

@@ -133,6 +133,11 @@ func RunForwarding(ctx context.Context, env *Env, cfg ForwardingConfig) ([]Resul
 			}
 		}
 	}
+	// The sinks stamp the probes from here on (loadgen: one-way times);
+	// the rate runs above did not pay for the kernel's timestamps.
+	if err := env.timestamps(ctx); err != nil {
+		return flatten(rs), err
+	}
 	latRounds := max(min(cfg.LatencyRounds, rounds), 1)
 	for round := range latRounds {
 		for k := range cfg.Targets {
@@ -380,12 +385,20 @@ func summarizeLatency(r *Result) {
 func medianLatency(ls []Latency) Latency {
 	var out Latency
 	var p50, p90, p99, mx []float64
+	var n50, n99, nmx, q50, q99, r50, r99 []float64
 	for _, l := range ls {
 		out.Probes += l.Probes
 		out.Echoed += l.Echoed
 		p50, p90, p99, mx = append(p50, l.P50us), append(p90, l.P90us), append(p99, l.P99us), append(mx, l.MaxUs)
+		if l.NetN > 0 {
+			out.NetN += l.NetN
+			n50, n99, nmx = append(n50, l.NetP50us), append(n99, l.NetP99us), append(nmx, l.NetMaxUs)
+			q50, q99, r50, r99 = append(q50, l.RequestP50), append(q99, l.RequestP99), append(r50, l.ReplyP50), append(r99, l.ReplyP99)
+		}
 	}
 	out.P50us, out.P90us, out.P99us, out.MaxUs = median(p50), median(p90), median(p99), median(mx)
+	out.NetP50us, out.NetP99us, out.NetMaxUs = median(n50), median(n99), median(nmx)
+	out.RequestP50, out.RequestP99, out.ReplyP50, out.ReplyP99 = median(q50), median(q99), median(r50), median(r99)
 	return out
 }
 
@@ -513,6 +526,9 @@ func latencyRun(ctx context.Context, env *Env, cfg ForwardingConfig, dst netip.A
 	return Latency{
 		Probes: res.ProbesSent, Echoed: res.ProbesReceived,
 		P50us: us(res.RTT.P50), P90us: us(res.RTT.P90), P99us: us(res.RTT.P99), MaxUs: us(res.RTT.Max),
+		NetN: res.NetRTT.N, NetP50us: us(res.NetRTT.P50), NetP99us: us(res.NetRTT.P99), NetMaxUs: us(res.NetRTT.Max),
+		RequestP50: us(res.Request.P50), RequestP99: us(res.Request.P99),
+		ReplyP50: us(res.Reply.P50), ReplyP99: us(res.Reply.P99),
 	}, nil
 }
 
@@ -546,6 +562,12 @@ func fillRatios(rs []Result) {
 					return 0
 				}
 				return x.P99us
+			}))
+			r.NetP99VsNFT = median(roundRatios(r.LatencyRounds, n.LatencyRounds, func(x Latency) float64 {
+				if x.NetN == 0 {
+					return 0
+				}
+				return x.NetP99us
 			}))
 		}
 		if n := find(&Nginx{}, r.Size); n != nil && n.RxPPS > 0 {

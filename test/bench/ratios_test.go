@@ -45,7 +45,7 @@ func TestFillRatiosPerRound(t *testing.T) {
 	lat := func(p99s ...float64) []Latency {
 		var ls []Latency
 		for _, p := range p99s {
-			ls = append(ls, Latency{Probes: 10, Echoed: 10, P50us: p / 10, P99us: p})
+			ls = append(ls, Latency{Probes: 10, Echoed: 10, P50us: p / 10, P99us: p, NetN: 10, NetP99us: p / 100})
 		}
 		return ls
 	}
@@ -63,6 +63,16 @@ func TestFillRatiosPerRound(t *testing.T) {
 	fillRatios(both)
 	if !near(both[1].P99VsNFT, 0.5) { // rounds 0.5, 3, 0.5
 		t.Errorf("P99VsNFT = %v, want 0.5", both[1].P99VsNFT)
+	}
+	if !near(both[1].NetP99VsNFT, 0.5) || r.Latency.NetN != 30 || !near(r.Latency.NetP99us, 20) {
+		t.Errorf("NetP99VsNFT = %v, net n %d p99 %v; want 0.5, 30, 20", both[1].NetP99VsNFT, r.Latency.NetN, r.Latency.NetP99us)
+	}
+	// A round without the sinks' timestamps has no network round trip:
+	// it is left out of the ratio, not counted as zero.
+	both[1].LatencyRounds[1].NetN = 0
+	fillRatios(both)
+	if !near(both[1].NetP99VsNFT, 0.5) { // rounds 0.5, -, 0.5
+		t.Errorf("NetP99VsNFT with a round unstamped = %v, want 0.5", both[1].NetP99VsNFT)
 	}
 
 	if got := median([]float64{1.3, 0.9}); !near(got, 1.1) {

@@ -58,6 +58,8 @@ type Result struct {
 	// at the same load (the issue's "p99 ≤ 2× nftables'"): the median
 	// of the latency rounds' ratios.
 	P99VsNFT float64 `json:"p99_vs_nftables,omitempty"`
+	// NetP99VsNFT is the same for the network round trip's p99.
+	NetP99VsNFT float64 `json:"net_rtt_p99_vs_nftables,omitempty"`
 }
 
 // Run is one rate measurement.
@@ -73,7 +75,11 @@ type Run struct {
 	BalancerNsPerPkt float64 `json:"balancer_ns_per_datagram,omitempty"`
 }
 
-// Latency summarises the probes' round trips.
+// Latency summarises the probes' round trips and, from the kernel's
+// receive timestamps at both ends (loadgen: the sinks' timestamps on),
+// each way on its own and their sum, the network round trip: the round
+// trip without the time a probe waits in the sink's socket and process
+// and for the prober's reader to wake, all on the generator's busy CPU.
 type Latency struct {
 	Probes uint64  `json:"probes"`
 	Echoed uint64  `json:"echoed"`
@@ -81,6 +87,15 @@ type Latency struct {
 	P90us  float64 `json:"p90_us"`
 	P99us  float64 `json:"p99_us"`
 	MaxUs  float64 `json:"max_us"`
+
+	NetN       int     `json:"net_n,omitempty"`
+	NetP50us   float64 `json:"net_rtt_p50_us,omitempty"`
+	NetP99us   float64 `json:"net_rtt_p99_us,omitempty"`
+	NetMaxUs   float64 `json:"net_rtt_max_us,omitempty"`
+	RequestP50 float64 `json:"request_p50_us,omitempty"`
+	RequestP99 float64 `json:"request_p99_us,omitempty"`
+	ReplyP50   float64 `json:"reply_p50_us,omitempty"`
+	ReplyP99   float64 `json:"reply_p99_us,omitempty"`
 }
 
 // Machine describes where the numbers came from.
@@ -140,11 +155,11 @@ func (r *Report) WriteTable(w io.Writer) error {
 	fmt.Fprintf(w, "machine: %s, %d cores, kernel %s, %s; generator+sinks on CPU %s, balancer on CPU %s (RPS %v); %d clients\n\n",
 		m.CPU, m.Cores, m.Kernel, m.Go, m.GenCPU, m.BalancerCPU, m.RPS, r.Clients)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "target\tsize\trx kpps\tMbit/s\tloss\t×nft\t×nft rounds\t×nginx\tCPU ns/dgram\tcapacity ×nft\tRTT p50 µs\tRTT p99 µs\tp99 ×nft\tadded p50 µs\tadded p99 µs\t")
+	fmt.Fprintln(tw, "target\tsize\trx kpps\tMbit/s\tloss\t×nft\t×nft rounds\t×nginx\tCPU ns/dgram\tcapacity ×nft\tRTT p50 µs\tRTT p99 µs\tp99 ×nft\tadded p50 µs\tadded p99 µs\tnet RTT p50 µs\tnet RTT p99 µs\tnet p99 ×nft\t")
 	var missing []string
 	for _, x := range r.Results {
 		if !x.Available {
-			fmt.Fprintf(tw, "%s\t%d\tn/a\t\t\t\t\t\t\t\t\t\t\t\t\t\n", x.Target, x.Size)
+			fmt.Fprintf(tw, "%s\t%d\tn/a\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\n", x.Target, x.Size)
 			if m := fmt.Sprintf("%s: not available: %s", x.Target, oneLine(strings.TrimPrefix(x.Reason, ErrUnavailable.Error()+": "), 300)); !slices.Contains(missing, m) {
 				missing = append(missing, m)
 			}
@@ -156,6 +171,10 @@ func (r *Report) WriteTable(w io.Writer) error {
 			p50, p99 = fmt.Sprintf("%.0f", x.Latency.P50us), fmt.Sprintf("%.0f", x.Latency.P99us)
 			lat, added = fmt.Sprintf("%+.0f", x.AddedP50us), fmt.Sprintf("%+.0f", x.AddedP99us)
 		}
+		net50, net99 := "-", "-"
+		if x.Latency.NetN > 0 {
+			net50, net99 = fmt.Sprintf("%.0f", x.Latency.NetP50us), fmt.Sprintf("%.0f", x.Latency.NetP99us)
+		}
 		cost := "-"
 		if x.BalancerNsPerPkt > 0 {
 			cost = fmt.Sprintf("%.0f", x.BalancerNsPerPkt)
@@ -164,9 +183,9 @@ func (r *Report) WriteTable(w io.Writer) error {
 		if len(x.VsNFTRounds) > 1 {
 			spread = fmt.Sprintf("%.2f–%.2f", slices.Min(x.VsNFTRounds), slices.Max(x.VsNFTRounds))
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.0f\t%.1f%%\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
+		fmt.Fprintf(tw, "%s\t%d\t%.0f\t%.0f\t%.1f%%\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n",
 			x.Target, x.Size, x.RxPPS/1000, x.RxMbps, 100*x.Loss, ratio(x.VsNFT), spread, ratio(x.VsNginx), cost, ratio(x.CapacityVsNFT),
-			p50, p99, ratio(x.P99VsNFT), lat, added)
+			p50, p99, ratio(x.P99VsNFT), lat, added, net50, net99, ratio(x.NetP99VsNFT))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -180,6 +199,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 	fmt.Fprintf(w, "\nrx = counted at the backends (median of runs); Mbit/s of UDP payload; loss = not received / sent at full open-loop load.\n")
 	fmt.Fprintf(w, "The runs go in rounds, every target once per round: ×nft, ×nginx, capacity ×nft and p99 ×nft are the medians of each round's ratio (RTT and added: medians over the latency rounds); ×nft rounds is the range of ×nft.\n")
 	fmt.Fprintf(w, "RTT = client → balancer → backend echo → balancer → client at half nftables' rate (half the target's own where lower); added = RTT − routing-only RTT at the same rate.\n")
+	fmt.Fprintf(w, "net RTT = the same probes' two ways, each from the send call to the kernel's receive timestamp at the other end (SO_TIMESTAMPNS): RTT without the sink's socket queue and process and the prober's wake-up, on the generator's CPU.\n")
 	fmt.Fprintf(w, "CPU ns/dgram = the balancer CPU's busy time (/proc/stat: its process and the kernel's packet work) per datagram received; capacity ×nft = nftables' ns/dgram ÷ the target's: the rate one balancer core would reach relative to nftables, whatever the generator offered.\n")
 	fmt.Fprintf(w, "took %v\n", r.Took.Round(time.Second))
 	return nil

@@ -269,6 +269,16 @@ func (e *Env) sinks(ctx context.Context, cmd string) (loadgen.SinkStats, error) 
 	return sum, nil
 }
 
+// timestamps turns the sinks' receive timestamps on (loadgen.CmdTimestamps).
+func (e *Env) timestamps(ctx context.Context) error {
+	for _, ctl := range e.sinkCtl {
+		if _, err := loadgen.Query(ctx, ctl, loadgen.CmdTimestamps); err != nil {
+			return fmt.Errorf("bench: sink timestamps: %w", err)
+		}
+	}
+	return nil
+}
+
 // drained polls the sinks until their count stops growing (at most 2 s), so
 // datagrams still queued in the balancer are counted.
 func (e *Env) drained(ctx context.Context) (loadgen.SinkStats, error) {

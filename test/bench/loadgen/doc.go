@@ -9,7 +9,13 @@
 // (x/net/ipv4 WriteBatch). It runs open-loop at the maximum rate or paced to
 // a packet rate, and always stops after Duration or MaxPackets, whichever
 // comes first. Optionally a few probe clients send timestamped probes that
-// the Sink echoes; Send reports their round-trip times.
+// the Sink echoes; Send reports their round-trip times. When the Sink's
+// timestamps are on (CmdTimestamps) it also reports each way on its own,
+// from a send call to the kernel's receive timestamp (SO_TIMESTAMPNS) at
+// the other end, and their sum, the network round trip: the round trip
+// without the time the probe waited in the sink's socket and process, and
+// for the prober's reader to wake up. All ends read one clock: they run on
+// one machine.
 //
 // Sink reads with recvmmsg (x/net/ipv4 ReadBatch), counts datagrams and bytes
 // once per batch, and echoes probes (and only probes) to their source. Its
@@ -27,5 +33,7 @@
 //	[4]     kind: KindLoad or KindProbe
 //	[5:8]   zero
 //	[8:16]  sequence number (per sender)
-//	[16:24] probe send time, ns since the sender started (probes only)
+//	[16:24] probe send time, Unix ns (probes only)
+//	[24:32] probe's kernel receive time at the sink, Unix ns \ written by the Sink
+//	[32:40] the echo's send time at the sink, Unix ns        / when its timestamps are on
 package loadgen

@@ -112,6 +112,29 @@ func TestProbesEchoed(t *testing.T) {
 	if st := s.Stats(); st.Echoed != res.ProbesSent {
 		t.Fatalf("sink echoed %d, want %d", st.Echoed, res.ProbesSent)
 	}
+	if res.NetRTT.N != 0 || res.Request.N != 0 {
+		t.Fatalf("one-way times %+v with the sink's timestamps off, want none", res.Request)
+	}
+
+	// With timestamps on, every echo carries the sink's times: each way is
+	// positive, and the network round trip within the round trip.
+	if err := s.SetTimestamps(true); err != nil {
+		t.Fatal(err)
+	}
+	if res, err = Send(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []Percentiles{res.Request, res.Reply, res.NetRTT} {
+		if p.N != int(res.ProbesReceived) || p.N < 50 {
+			t.Fatalf("%d times for %d echoes, want one each (>= 50)", p.N, res.ProbesReceived)
+		}
+		if p.P50 <= 0 || p.Max > res.RTT.Max || p.P50 > res.RTT.P50 {
+			t.Fatalf("%+v not within round trips %+v", p, res.RTT)
+		}
+	}
+	if res.NetRTT.P50 < res.Request.P50 || res.NetRTT.P50 < res.Reply.P50 {
+		t.Fatalf("network round trip %+v shorter than a way: request %+v, reply %+v", res.NetRTT, res.Request, res.Reply)
+	}
 }
 
 func TestWaitReady(t *testing.T) {
@@ -164,6 +187,9 @@ func TestControl(t *testing.T) {
 	}
 	if st, err = Query(qctx, path, CmdStats); err != nil || st != (SinkStats{}) {
 		t.Fatalf("stats after reset: %+v, %v; want zero", st, err)
+	}
+	if _, err = Query(qctx, path, CmdTimestamps); err != nil || !s.stamps.Load() {
+		t.Fatalf("timestamps command: %v, on %v; want on", err, s.stamps.Load())
 	}
 }
 

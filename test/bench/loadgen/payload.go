@@ -22,7 +22,7 @@ const (
 
 const (
 	// HeaderLen is the smallest datagram Send writes and Sink accepts.
-	HeaderLen = 24
+	HeaderLen = 40
 	// MaxSize is the largest datagram size Send accepts.
 	MaxSize = 9000
 
@@ -36,6 +36,20 @@ func putHeader(b []byte, spi uint32, kind byte, seq uint64, ts int64) {
 	b[5], b[6], b[7] = 0, 0, 0
 	binary.BigEndian.PutUint64(b[8:16], seq)
 	binary.BigEndian.PutUint64(b[16:24], uint64(ts))
+	clear(b[24:40])
+}
+
+// stampProbe writes the sink's kernel receive time and its echo's send
+// time into a probe.
+func stampProbe(b []byte, rx, tx int64) {
+	binary.BigEndian.PutUint64(b[24:32], uint64(rx))
+	binary.BigEndian.PutUint64(b[32:40], uint64(tx))
+}
+
+// probeStamps returns the sink's kernel receive time of a probe and its
+// echo's send time (0, 0: the sink's timestamps were off).
+func probeStamps(b []byte) (rx, tx int64) {
+	return int64(binary.BigEndian.Uint64(b[24:32])), int64(binary.BigEndian.Uint64(b[32:40]))
 }
 
 // parseHeader returns the kind and probe timestamp of a datagram, and false

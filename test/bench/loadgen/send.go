@@ -61,6 +61,13 @@ type SendResult struct {
 	ProbesSent     uint64      `json:"probes_sent"`
 	ProbesReceived uint64      `json:"probes_received"`
 	RTT            Percentiles `json:"rtt"`
+	// With the Sink's timestamps on: Request is from a probe's send call
+	// to its kernel receive time at the sink, Reply from the echo's send
+	// call to its kernel receive time at the prober, and NetRTT, per
+	// probe, their sum (see the package doc).
+	Request Percentiles `json:"request"`
+	Reply   Percentiles `json:"reply"`
+	NetRTT  Percentiles `json:"net_rtt"`
 }
 
 // Percentiles summarises a set of durations.
@@ -205,6 +212,7 @@ func Send(ctx context.Context, cfg SendConfig) (SendResult, error) {
 		res.ProbesSent = pr.sent.Load()
 		res.ProbesReceived = uint64(len(pr.rtts))
 		res.RTT = Summarize(pr.rtts)
+		res.Request, res.Reply, res.NetRTT = Summarize(pr.requests), Summarize(pr.replies), Summarize(pr.nets)
 	}
 	return res, nil
 }
@@ -246,7 +254,9 @@ func sendLoad(ctx context.Context, conns []*net.UDPConn, cfg SendConfig, start t
 			n = min(n, cfg.MaxPackets-sent)
 		}
 		if cfg.Rate > 0 {
-			elapsed := time.Since(start)
+			// Never past Duration: the deadline's timer may fire late,
+			// and a paced run sends at most Rate × Duration.
+			elapsed := min(time.Since(start), cfg.Duration)
 			due := int64(cfg.Rate*elapsed.Seconds()) - int64(sent)
 			if due <= 0 {
 				next := time.Duration(float64(sent+1) / cfg.Rate * float64(time.Second))
@@ -308,8 +318,10 @@ type prober struct {
 
 	sent atomic.Uint64
 
-	mu   sync.Mutex // guards the following
-	rtts []time.Duration
+	mu                sync.Mutex // guards the following
+	rtts              []time.Duration
+	requests, replies []time.Duration
+	nets              []time.Duration
 }
 
 func (p *prober) send(ctx context.Context) {
@@ -324,7 +336,7 @@ func (p *prober) send(ctx context.Context) {
 			return
 		}
 		k := i % len(p.conns)
-		putHeader(buf, uint32(spiBase+0x80000+k), KindProbe, uint64(i), int64(time.Since(p.start)))
+		putHeader(buf, uint32(spiBase+0x80000+k), KindProbe, uint64(i), time.Now().UnixNano())
 		if _, err := p.conns[k].Write(buf); err == nil {
 			p.sent.Add(1)
 		}
@@ -336,11 +348,13 @@ func (p *prober) readAll(deadline time.Time) {
 	var wg sync.WaitGroup
 	for _, c := range p.conns {
 		_ = c.SetReadDeadline(deadline)
+		stamped := setTimestamps(c, 1) == nil // else: round trips only
 		wg.Go(func() {
 			buf := make([]byte, MaxSize)
+			oob := make([]byte, 64)
 			for {
-				n, err := c.Read(buf)
-				now := time.Since(p.start)
+				n, oobn, _, _, err := c.ReadMsgUDP(buf, oob)
+				now := time.Now().UnixNano()
 				if err != nil {
 					if errors.Is(err, net.ErrClosed) || isTimeout(err) {
 						return
@@ -351,8 +365,17 @@ func (p *prober) readAll(deadline time.Time) {
 				if !ok || kind != KindProbe {
 					continue
 				}
+				sinkRx, sinkTx := probeStamps(buf[:n])
+				var rx int64
+				if stamped && sinkRx != 0 {
+					rx = rxStamp(oob[:oobn])
+				}
 				p.mu.Lock()
-				p.rtts = append(p.rtts, now-time.Duration(ts))
+				p.rtts = append(p.rtts, time.Duration(now-ts))
+				if rx != 0 {
+					req, rep := time.Duration(sinkRx-ts), time.Duration(rx-sinkTx)
+					p.requests, p.replies, p.nets = append(p.requests, req), append(p.replies, rep), append(p.nets, req+rep)
+				}
 				p.mu.Unlock()
 			}
 		})

@@ -3,6 +3,7 @@ package loadgen
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -65,6 +66,9 @@ type Sink struct {
 
 	packets, bytes, bad, echoed atomic.Uint64
 	first, last                 atomic.Int64
+	// stamps: SO_TIMESTAMPNS is on (SetTimestamps); probes are echoed
+	// with their kernel receive time.
+	stamps atomic.Bool
 }
 
 // NewSink opens the sink's sockets.
@@ -94,18 +98,31 @@ func NewSink(cfg SinkConfig) (*Sink, error) {
 }
 
 func setRcvBuf(c *net.UDPConn, n int) error {
+	err := setSockopt(c, unix.SO_RCVBUFFORCE, n)
+	if errors.Is(err, errSockopt) { // not root: the best the limit allows
+		return c.SetReadBuffer(n)
+	}
+	return err
+}
+
+// errSockopt marks setSockopt's refusals by the kernel.
+var errSockopt = errors.New("setsockopt")
+
+// setSockopt sets the SOL_SOCKET option opt of c to v; an error the
+// kernel returned wraps errSockopt.
+func setSockopt(c *net.UDPConn, opt, v int) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return fmt.Errorf("loadgen: sink: %w", err)
+		return fmt.Errorf("loadgen: %w", err)
 	}
 	var serr error
 	if err := rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt, v)
 	}); err != nil {
-		return fmt.Errorf("loadgen: sink: %w", err)
+		return fmt.Errorf("loadgen: %w", err)
 	}
-	if serr != nil { // not root: the best the limit allows
-		return c.SetReadBuffer(n)
+	if serr != nil {
+		return fmt.Errorf("loadgen: %w %d: %w", errSockopt, opt, serr)
 	}
 	return nil
 }
@@ -132,11 +149,50 @@ func (s *Sink) Run(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// SetTimestamps turns the kernel's receive timestamps on or off on every
+// socket. Off by default: while any socket asks for them the kernel reads
+// the clock for every packet it receives, on every path of the machine,
+// which the throughput runs need not pay.
+func (s *Sink) SetTimestamps(on bool) error {
+	v := 0
+	if on {
+		v = 1
+	}
+	for _, c := range s.conns {
+		if err := setTimestamps(c, v); err != nil {
+			return err
+		}
+	}
+	s.stamps.Store(on)
+	return nil
+}
+
+// setTimestamps sets SO_TIMESTAMPNS_NEW on c to v.
+func setTimestamps(c *net.UDPConn, v int) error { return setSockopt(c, unix.SO_TIMESTAMPNS_NEW, v) }
+
+// rxStamp returns the SCM_TIMESTAMPNS time in oob as Unix ns, or 0.
+func rxStamp(oob []byte) int64 {
+	cms, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return 0
+	}
+	for _, cm := range cms {
+		if cm.Header.Level == unix.SOL_SOCKET && cm.Header.Type == unix.SO_TIMESTAMPNS_NEW && len(cm.Data) >= 16 {
+			// struct timespec of 64-bit longs (SO_TIMESTAMPNS on 64-bit
+			// Linux; SO_TIMESTAMPNS_NEW's layout everywhere).
+			sec, nsec := binary.NativeEndian.Uint64(cm.Data[0:8]), binary.NativeEndian.Uint64(cm.Data[8:16])
+			return int64(sec)*int64(time.Second) + int64(nsec)
+		}
+	}
+	return 0
+}
+
 func (s *Sink) read(c *net.UDPConn) error {
 	pc := ipv4.NewPacketConn(c)
 	msgs := make([]ipv4.Message, s.batch)
 	for i := range msgs {
 		msgs[i].Buffers = [][]byte{make([]byte, MaxSize)}
+		msgs[i].OOB = make([]byte, 64)
 	}
 	for {
 		n, err := pc.ReadBatch(msgs, 0)
@@ -162,6 +218,9 @@ func (s *Sink) read(c *net.UDPConn) error {
 			pkts++
 			bytes += uint64(m.N)
 			if kind == KindProbe {
+				if s.stamps.Load() {
+					stampProbe(b, rxStamp(m.OOB[:m.NN]), time.Now().UnixNano())
+				}
 				if _, err := c.WriteTo(b, m.Addr); err == nil {
 					echoed++
 				}
@@ -198,6 +257,9 @@ func (s *Sink) Reset() SinkStats {
 const (
 	CmdStats = "stats"
 	CmdReset = "reset"
+	// CmdTimestamps turns the sink's receive timestamps on (SetTimestamps)
+	// and answers like CmdStats; the harness sends it before latency runs.
+	CmdTimestamps = "timestamps"
 )
 
 // ServeControl answers CmdStats and CmdReset (one line each, one per
@@ -232,6 +294,12 @@ func ServeControl(ctx context.Context, path string, s *Sink) error {
 				st = s.Stats()
 			case CmdReset + "\n":
 				st = s.Reset()
+			case CmdTimestamps + "\n":
+				if err := s.SetTimestamps(true); err != nil {
+					_ = c.Close() // the caller's decode fails: no answer
+					continue
+				}
+				st = s.Stats()
 			}
 			_ = json.NewEncoder(c).Encode(st)
 		}
