@@ -16,7 +16,7 @@ import (
 var (
 	suite    = flag.String("suite", "", "benchmark suite to run: forwarding (needs root; about 7 minutes)")
 	out      = flag.String("out", "forwarding-results.json", "file for the JSON results of -suite")
-	targets  = flag.String("targets", "", "comma-separated subset of targets: routing,nftables,nftables-masq,nginx,ikelb-nat,ikelb-transparent")
+	targets  = flag.String("targets", "", "comma-separated subset of targets: routing,nftables,nftables-masq,nginx,ikelb-nat,ikelb-transparent; and, only when named, nftables-stateless (the ceiling of a stateless kernel NAT path, see StatelessNAT)")
 	sizes    = flag.String("sizes", "", "comma-separated datagram sizes (default 64,1400)")
 	duration = flag.Duration("duration", 0, "length of each rate run (default 2s)")
 	repeats  = flag.Int("repeats", 0, "forwarding: rounds, each one rate run per target and size (default 5); scale: rate runs per target (default 3); failover: repeats per shape (default 3)")
@@ -62,6 +62,9 @@ func TestForwarding(t *testing.T) {
 			if want[shortName(tg)] {
 				keep = append(keep, tg)
 			}
+		}
+		if want["nftables-stateless"] { // opt-in: a ceiling, not a rival
+			keep = append(keep, StatelessNAT{Clients: cfg.Clients, Probes: cfg.Probes})
 		}
 		cfg.Targets = keep
 	}
@@ -128,6 +131,8 @@ func shortName(t Target) string {
 		return "nginx"
 	case *Ikelb:
 		return "ikelb-" + t.Mode
+	case StatelessNAT:
+		return "nftables-stateless"
 	}
 	return "routing"
 }

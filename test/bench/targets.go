@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ikelb/ikelb/test/bench/loadgen"
 	"github.com/ikelb/ikelb/test/netns"
 )
 
@@ -310,4 +311,84 @@ func firstLines(s string, n int) string {
 		lines = append(lines[:n], "...")
 	}
 	return strings.Join(lines, " | ")
+}
+
+// StatelessNAT is not something an operator runs: it is the ceiling of a
+// kernel path ikelb's nat mode does not have yet, measured on this
+// machine. Established clients NATed statelessly at netdev ingress, the
+// way transparent mode forwards requests: static maps (client address and
+// port → backend, and → a SNAT port of its own; SNAT port → client) rewrite
+// both directions and hand each datagram to its next hop with `fwd`,
+// without routing, the netfilter IP hooks or conntrack. ikelb would fill
+// such maps from its userspace flows, whose sockets hold the SNAT ports.
+// Opt-in (-targets=nftables-stateless); Clients and Probes must be the
+// run's.
+type StatelessNAT struct{ Clients, Probes int }
+
+func (StatelessNAT) Name() string { return "stateless nat (ceiling)" }
+
+const statelessTable = "ikelb_bench_stateless"
+
+// statelessPortBase is the first SNAT port; client i gets the base + i.
+const statelessPortBase = 20000
+
+func (s StatelessNAT) Start(_ context.Context, env *Env) (netip.AddrPort, error) {
+	if s.Clients+s.Probes > 10000 {
+		return netip.AddrPort{}, fmt.Errorf("%w: %d clients: the SNAT ports hold 10,000", ErrUnavailable, s.Clients+s.Probes)
+	}
+	// lbAddr is the balancer's address on backend i's link (10.0.1x.1).
+	lbAddr := func(i int) netip.Addr {
+		b := env.BackendAddrs[i].As4()
+		b[3] = 1
+		return netip.AddrFrom4(b)
+	}
+	var fbk, fport, rcl, snat, odev []string
+	clients := make([]netip.Addr, 0, s.Clients+s.Probes)
+	for i := range s.Clients {
+		clients = append(clients, loadgen.Addr(ClientBase, i))
+	}
+	for i := range s.Probes {
+		clients = append(clients, loadgen.Addr(ProbeBase, i))
+	}
+	for i, c := range clients {
+		port := statelessPortBase + i
+		fbk = append(fbk, fmt.Sprintf("%s . %d : %s", c, ClientPort, env.BackendAddrs[i%len(env.BackendAddrs)]))
+		fport = append(fport, fmt.Sprintf("%s . %d : %d", c, ClientPort, port))
+		rcl = append(rcl, fmt.Sprintf("%d : %s", port, c))
+	}
+	var b strings.Builder
+	for i, be := range env.BackendAddrs {
+		snat = append(snat, fmt.Sprintf("%s : %s", be, lbAddr(i)))
+		odev = append(odev, fmt.Sprintf(`%s : "l%d"`, be, i+1))
+		fmt.Fprintf(&b, `
+	chain in_l%d {
+		type filter hook ingress device "l%d" priority 0; policy accept;
+		ip daddr %s udp sport 4500 udp dport %d-%d ip frag-off & 0x3fff == 0 ip ttl > 1 ip daddr set udp dport map @rcl udp dport set %d ip saddr set %s fwd ip to 10.0.1.2 device "l0"
+	}`, i+1, i+1, lbAddr(i), statelessPortBase, statelessPortBase+len(clients)-1, ClientPort, VIP)
+	}
+	rules := fmt.Sprintf(`table netdev %s {
+	map fbk { typeof ip saddr . udp sport : ip daddr; elements = { %s } }
+	map fport { typeof ip saddr . udp sport : udp sport; elements = { %s } }
+	map snatip { typeof ip daddr : ip saddr; elements = { %s } }
+	map odev { typeof ip daddr : meta oif; elements = { %s } }
+	map rcl { typeof udp dport : ip daddr; elements = { %s } }
+	chain in_l0 {
+		type filter hook ingress device "l0" priority 0; policy accept;
+		ip daddr %s udp dport 4500 ip frag-off & 0x3fff == 0 ip ttl > 1 ip daddr set ip saddr . udp sport map @fbk udp sport set ip saddr . udp sport map @fport ip saddr set ip daddr map @snatip fwd ip to ip daddr device ip daddr map @odev
+	}%s
+}
+`, statelessTable, strings.Join(fbk, ", "), strings.Join(fport, ", "), strings.Join(snat, ", "), strings.Join(odev, ", "), strings.Join(rcl, ", "), VIP, b.String())
+	path := filepath.Join(env.Lab.Dir(), "stateless-target.nft")
+	if err := os.WriteFile(path, []byte(rules), 0o644); err != nil {
+		return netip.AddrPort{}, err
+	}
+	if _, err := env.Balancer.Run("nft", "-f", path); err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return netip.AddrPortFrom(VIP, 4500), nil
+}
+
+func (StatelessNAT) Stop(env *Env) error {
+	_, err := env.Balancer.Run("nft", "delete", "table", "netdev", statelessTable)
+	return err
 }
