@@ -3,9 +3,12 @@ package cluster
 import (
 	"context"
 	"errors"
+	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 )
 
 // Errors returned by the FSM, the Node and the admin server. Callers test
@@ -33,8 +36,31 @@ var (
 	ErrShutdown = errors.New("node is shut down")
 )
 
+// unappliedError marks a write that certainly did not reach the Raft log:
+// the node was not the leader when asked, no leader was known, or the
+// leader was handing leadership over. Sending it again cannot apply it
+// twice, so the admin API holds it for a leader (forwarder.applyEntry),
+// as Consul and Nomad hold RPCs while there is none. A write that may
+// have reached the log (leadership lost after appending it, a transport
+// error mid-call) is not marked.
+type unappliedError struct{ err error }
+
+func (e unappliedError) Error() string { return e.err.Error() }
+func (e unappliedError) Unwrap() error { return e.err }
+
+func isUnapplied(err error) bool {
+	var u unappliedError
+	return errors.As(err, &u)
+}
+
+// unappliedRetryDelay is the RetryInfo delay an unapplied write's status
+// suggests: about an election's length.
+const unappliedRetryDelay = 500 * time.Millisecond
+
 // grpcError maps an error from this package to a gRPC status error. Errors
-// that already carry a status (from validation) pass through.
+// that already carry a status (from validation) pass through. An unapplied
+// write's status carries RetryInfo: the client may send it again, and
+// another node's forwarder does.
 func grpcError(err error) error {
 	if err == nil {
 		return nil
@@ -63,7 +89,13 @@ func grpcError(err error) error {
 	default:
 		c = codes.Internal
 	}
-	return status.Error(c, err.Error())
+	st := status.New(c, err.Error())
+	if isUnapplied(err) {
+		if d, derr := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(unappliedRetryDelay)}); derr == nil {
+			st = d
+		}
+	}
+	return st.Err()
 }
 
 // remoteError is an error another node returned over gRPC, mapped back to
@@ -106,5 +138,11 @@ func errorFromStatus(err error) error {
 	default:
 		return err
 	}
-	return &remoteError{sentinel: s, msg: st.Message()}
+	re := &remoteError{sentinel: s, msg: st.Message()}
+	for _, d := range st.Details() {
+		if _, ok := d.(*errdetails.RetryInfo); ok {
+			return unappliedError{re}
+		}
+	}
+	return re
 }

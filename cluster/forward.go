@@ -24,7 +24,39 @@ type forwarder struct{ n *Node }
 
 var _ applier = forwarder{}
 
+// applyEntry commits one admin write through the leader, holding it while
+// there is none: a write that certainly did not reach the log
+// (unappliedError: no leader known, an election, a leadership transfer) is
+// sent again, with backoff, until it applies or ctx (without a deadline,
+// ApplyTimeout) runs out. An operator's write during a failover then waits
+// for the election instead of failing; Consul and Nomad hold RPCs the same
+// way (RPCHoldTimeout). On the deadline the last error says why.
 func (f forwarder) applyEntry(ctx context.Context, t entryType, m proto.Message) (applyResult, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, f.n.cfg.ApplyTimeout)
+		defer cancel()
+	}
+	wait := 10 * time.Millisecond
+	for {
+		r, err := f.once(ctx, t, m)
+		if err == nil || !isUnapplied(err) {
+			return r, err
+		}
+		timer := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return r, err
+		case <-timer.C:
+		}
+		wait = min(2*wait, 200*time.Millisecond)
+	}
+}
+
+// once applies the write on this node if it leads, else forwards it to the
+// leader.
+func (f forwarder) once(ctx context.Context, t entryType, m proto.Message) (applyResult, error) {
 	n := f.n
 	if !n.running() {
 		return applyResult{}, ErrShutdown
@@ -47,13 +79,8 @@ func (f forwarder) applyEntry(ctx context.Context, t entryType, m proto.Message)
 	if err != nil {
 		return applyResult{}, err
 	}
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
-		defer cancel()
-	}
 	resp, err := c.ForwardApply(ctx, req)
-	if err != nil {
+	if err != nil { // unapplied if the leader said so (RetryInfo)
 		return applyResult{}, fmt.Errorf("forwarded to leader %s: %w", leader, errorFromStatus(err))
 	}
 	// Read your writes: wait for this node to apply the entry. raft's own

@@ -211,15 +211,16 @@ func (n *Node) memberByName(name string) (membership.Member, bool) {
 }
 
 // leaderClient returns the leader's name and a ClusterService client for
-// it, or ErrNotLeader when no leader, or no address for it, is known.
+// it, or ErrNotLeader (unapplied) when no leader, or no address for it, is
+// known.
 func (n *Node) leaderClient() (string, ikelbv1.ClusterServiceClient, error) {
 	_, id := n.raft.LeaderWithID()
 	if id == "" {
-		return "", nil, fmt.Errorf("%w: no leader is known", ErrNotLeader)
+		return "", nil, unappliedError{fmt.Errorf("%w: no leader is known", ErrNotLeader)}
 	}
 	m, ok := n.memberByName(string(id))
 	if !ok || m.MetaErr != nil || m.Meta.AdminAddr == "" {
-		return string(id), nil, fmt.Errorf("%w: the leader %s has no known admin address", ErrNotLeader, id)
+		return string(id), nil, unappliedError{fmt.Errorf("%w: the leader %s has no known admin address", ErrNotLeader, id)}
 	}
 	c, err := n.peers.client(m.Meta.AdminAddr)
 	if err != nil {

@@ -342,11 +342,15 @@ func (n *Node) notLeaderError() error {
 	return fmt.Errorf("%w: the leader is %s at %s", ErrNotLeader, id, addr)
 }
 
-// raftError maps raft's errors to this package's.
+// raftError maps raft's errors to this package's. raft answers ErrNotLeader
+// and ErrLeadershipTransferInProgress before the entry is appended: those
+// are unapplied (unappliedError); after ErrLeadershipLost or
+// ErrAbortedByRestore the entry may still commit.
 func (n *Node) raftError(err error) error {
 	switch {
-	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipLost),
-		errors.Is(err, raft.ErrLeadershipTransferInProgress), errors.Is(err, raft.ErrAbortedByRestore):
+	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipTransferInProgress):
+		return unappliedError{fmt.Errorf("%w (%v)", n.notLeaderError(), err)}
+	case errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, raft.ErrAbortedByRestore):
 		return fmt.Errorf("%w (%v)", n.notLeaderError(), err)
 	case errors.Is(err, raft.ErrEnqueueTimeout):
 		return fmt.Errorf("%w: %v", ErrTimeout, err)
@@ -373,7 +377,7 @@ func (n *Node) applyEntry(ctx context.Context, t entryType, m proto.Message) (ap
 		return applyResult{}, ErrShutdown
 	}
 	if n.raft.State() != raft.Leader {
-		return applyResult{}, n.notLeaderError()
+		return applyResult{}, unappliedError{n.notLeaderError()}
 	}
 	data, err := encodeEntry(t, m)
 	if err != nil {
