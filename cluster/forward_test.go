@@ -22,16 +22,7 @@ func TestAdminWriteHeldForLeader(t *testing.T) {
 	n1 := c.add("n1", false)
 	n2 := c.add("n2", false)
 	c.waitVoters(10*time.Second, "n1", "n2")
-	l := c.leader()
-	other := n2
-	if l == n2 {
-		other = n1
-	}
-	l.stop(t)
-	waitWithin(t, 5*time.Second, other.name+" knows no leader", func() bool {
-		_, id := other.node.raft.LeaderWithID()
-		return id == ""
-	})
+	l, other := stopLeader(t, c, n1, n2)
 
 	admin := NewAdminServer(other.node)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -61,16 +52,7 @@ func TestAdminWriteHeldForLeader(t *testing.T) {
 
 	// Without a leader until its deadline, the write fails UNAVAILABLE
 	// with the reason and RetryInfo.
-	l2 := c.leader()
-	follower := n1
-	if l2 == n1 {
-		follower = n2
-	}
-	l2.stop(t)
-	waitWithin(t, 5*time.Second, follower.name+" knows no leader", func() bool {
-		_, id := follower.node.raft.LeaderWithID()
-		return id == ""
-	})
+	_, follower := stopLeader(t, c, n1, n2)
 	short, cancelShort := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancelShort()
 	start := time.Now()
@@ -79,6 +61,22 @@ func TestAdminWriteHeldForLeader(t *testing.T) {
 	if st.Code() != codes.Unavailable || !hasRetryInfo(st) || time.Since(start) < 250*time.Millisecond {
 		t.Fatalf("write without a leader: %v after %v; want UNAVAILABLE with RetryInfo at the deadline", err, time.Since(start))
 	}
+}
+
+// stopLeader stops the leader of the two-voter cluster a, b and waits
+// until the other, left alone, knows no leader.
+func stopLeader(t *testing.T, c *testCluster, a, b *testNode) (stopped, alone *testNode) {
+	t.Helper()
+	stopped, alone = c.leader(), b
+	if stopped == b {
+		alone = a
+	}
+	stopped.stop(t)
+	waitWithin(t, 5*time.Second, alone.name+" knows no leader", func() bool {
+		_, id := alone.node.raft.LeaderWithID()
+		return id == ""
+	})
+	return stopped, alone
 }
 
 func hasRetryInfo(st *status.Status) bool {
