@@ -170,7 +170,7 @@ func (s *Sink) SetTimestamps(on bool) error {
 // setTimestamps sets SO_TIMESTAMPNS_NEW on c to v.
 func setTimestamps(c *net.UDPConn, v int) error { return setSockopt(c, unix.SO_TIMESTAMPNS_NEW, v) }
 
-// rxStamp returns the SCM_TIMESTAMPNS time in oob as Unix ns, or 0.
+// rxStamp returns the SO_TIMESTAMPNS_NEW time in oob as Unix ns, or 0.
 func rxStamp(oob []byte) int64 {
 	cms, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
@@ -262,9 +262,10 @@ const (
 	CmdTimestamps = "timestamps"
 )
 
-// ServeControl answers CmdStats and CmdReset (one line each, one per
-// connection) on a Unix socket at path until ctx ends. The answer is the
-// SinkStats as one JSON line (for reset: the counters before the reset).
+// ServeControl answers CmdStats, CmdReset and CmdTimestamps (one line
+// each, one per connection) on a Unix socket at path until ctx ends. The
+// answer is the SinkStats as one JSON line (for reset: the counters before
+// the reset); a CmdTimestamps that fails gets none.
 func ServeControl(ctx context.Context, path string, s *Sink) error {
 	_ = os.Remove(path)
 	ln, err := net.Listen("unix", path)
