@@ -87,7 +87,14 @@ func (n NFTables) Start(_ context.Context, env *Env) (netip.AddrPort, error) {
 	}%s
 }
 `, nftTable, VIP, len(m), strings.Join(m, ", "), masq)
-	path := filepath.Join(env.Lab.Dir(), "nftables-target.nft")
+	return loadRules(env, "nftables-target.nft", rules)
+}
+
+// loadRules loads an nft ruleset into the balancer's namespace (from a
+// file in the lab's directory, kept for reading) and returns the address
+// clients send to, VIP:4500; nft refusing it makes the target unavailable.
+func loadRules(env *Env, file, rules string) (netip.AddrPort, error) {
+	path := filepath.Join(env.Lab.Dir(), file)
 	if err := os.WriteFile(path, []byte(rules), 0o644); err != nil {
 		return netip.AddrPort{}, err
 	}
@@ -378,14 +385,7 @@ func (s StatelessNAT) Start(_ context.Context, env *Env) (netip.AddrPort, error)
 	}%s
 }
 `, statelessTable, strings.Join(fbk, ", "), strings.Join(fport, ", "), strings.Join(snat, ", "), strings.Join(odev, ", "), strings.Join(rcl, ", "), VIP, b.String())
-	path := filepath.Join(env.Lab.Dir(), "stateless-target.nft")
-	if err := os.WriteFile(path, []byte(rules), 0o644); err != nil {
-		return netip.AddrPort{}, err
-	}
-	if _, err := env.Balancer.Run("nft", "-f", path); err != nil {
-		return netip.AddrPort{}, fmt.Errorf("%w: %v", ErrUnavailable, err)
-	}
-	return netip.AddrPortFrom(VIP, 4500), nil
+	return loadRules(env, "stateless-target.nft", rules)
 }
 
 func (StatelessNAT) Stop(env *Env) error {
