@@ -133,7 +133,7 @@ func RunForwarding(ctx context.Context, env *Env, cfg ForwardingConfig) ([]Resul
 			}
 		}
 	}
-	// The sinks stamp the probes from here on (loadgen: one-way times);
+	// The sinks stamp the probes from here on (Latency: the network round trips);
 	// the rate runs above did not pay for the kernel's timestamps.
 	if err := env.timestamps(ctx); err != nil {
 		return flatten(rs), err
