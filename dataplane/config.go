@@ -46,10 +46,13 @@ type Config struct {
 	// persistence timeout, capped at MaxFlowTimeout.
 	FlowTimeout time.Duration
 	// HandoverIdle closes, sooner than FlowTimeout, a flow idle this long
-	// whose client the kernel forwards now (Engine.SetKernelPath): its
-	// packets no longer reach the listener, and its upstream socket would
-	// otherwise be held for the whole flow timeout. Long enough for the
-	// backend's answers to requests that went through the flow.
+	// whose client the kernel forwards now through conntrack
+	// (Engine.SetKernelPath): its packets no longer reach the listener,
+	// and its upstream socket would otherwise be held for the whole flow
+	// timeout. Long enough for the backend's answers to requests that went
+	// through the flow. A flow the kernel carries with its own addresses
+	// (KernelPath.Handover returned true) keeps its socket: it closes after
+	// FlowTimeout, counting the kernel's activity.
 	HandoverIdle time.Duration
 	// SweepInterval is how often idle flows are looked for.
 	SweepInterval time.Duration

@@ -326,20 +326,53 @@ func (e *Engine) Flows() int { return int(e.flowCount.Load()) }
 // KernelPath is a kernel fast path that forwards some clients without the
 // engine (cmd/internal/hostnet's FastPath). Its methods are called from
 // the listeners' goroutines (per flow at most every 100 ms while it gets
-// datagrams, per datagram the flow limit drops, and at sweeps) and must
-// not block.
+// datagrams, per datagram the flow limit drops, at sweeps and when a flow
+// closes) and must not block.
 type KernelPath interface {
 	// Forwards reports whether the kernel forwards k's datagrams now.
 	Forwards(k ClientKey) bool
 	// Handover is told the nat flows that still get datagrams although
-	// the kernel forwards their client: they arrive through a conntrack
-	// entry made before the client's binding reached the kernel, and
-	// would keep doing so while the entry lives. The kernel path deletes
-	// that entry (client → local, the listener's VIP:port), so that the
-	// next datagram is decided by the kernel.
-	Handover(client, local netip.AddrPort)
+	// the kernel forwards their client (Upstream and Backend are zero
+	// for a datagram the flow limit dropped: there is no flow).
+	//
+	// It returns true when the kernel carries the flow itself, with the
+	// flow's own addresses (stateless NAT at ingress): the engine then
+	// keeps the flow and its upstream socket, which holds the SNAT port
+	// the kernel writes, open while the flow is active in the engine or
+	// in the kernel (LastActive), forwards what the kernel leaves to it
+	// (fragments, oversized datagrams) through the same socket, and
+	// calls Release when it closes the flow.
+	//
+	// It returns false when the kernel forwards the client through
+	// conntrack: the datagrams arrive through a conntrack entry made
+	// before the client's binding reached the kernel, and would keep
+	// doing so while the entry lives; the kernel path deletes that entry
+	// (Client → Local), so that the next datagram is decided by the
+	// kernel, and the flow closes after Config.HandoverIdle.
+	Handover(f KernelFlow) bool
+	// LastActive returns when (coarse Unix ns) the kernel last forwarded
+	// a datagram of a flow it carries, either way; 0 if unknown.
+	LastActive(f KernelFlow) int64
+	// Release tells the kernel path that the engine closed a flow
+	// Handover took: its socket, and so its SNAT port, is gone.
+	Release(f KernelFlow)
 }
 
-// SetKernelPath tells the engine which clients the kernel forwards, so
-// that their flows close after Config.HandoverIdle (nil: none).
+// KernelFlow is a nat flow as the kernel sees it: the client's datagrams
+// Client → Local (the listener's VIP:port) leave as Upstream → Backend.
+type KernelFlow struct {
+	Service  uint32
+	Client   netip.AddrPort
+	Local    netip.AddrPort
+	Upstream netip.AddrPort // the flow socket's address and port
+	Backend  netip.AddrPort
+}
+
+// SetKernelPath tells the engine which clients the kernel forwards (nil:
+// none). A nat flow of such a client that still gets datagrams is handed
+// over (KernelPath.Handover): one the kernel carries with the flow's own
+// addresses stays open while it is active in the engine or in the kernel,
+// up to the flow timeout, and is released to the path that took it when
+// it closes (even after SetKernelPath replaced that path); the others
+// close after Config.HandoverIdle.
 func (e *Engine) SetKernelPath(kp KernelPath) { e.kernel.Store(kp) }

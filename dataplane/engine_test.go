@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -222,6 +223,12 @@ func (h *engineHarness) vipPort(i int) netip.AddrPort { return netip.AddrPortFro
 // backend's address.
 func (h *engineHarness) send(c *net.UDPConn, pi int, payload []byte) string {
 	h.t.Helper()
+	return h.sendRecv(c, pi, payload).backend
+}
+
+// sendRecv is send returning the datagram as the backend got it.
+func (h *engineHarness) sendRecv(c *net.UDPConn, pi int, payload []byte) received {
+	h.t.Helper()
 	dst := h.vipPort(pi)
 	if _, err := c.WriteToUDPAddrPort(payload, dst); err != nil {
 		h.t.Fatal(err)
@@ -242,7 +249,7 @@ func (h *engineHarness) send(c *net.UDPConn, pi int, payload []byte) string {
 	if want := append([]byte("re:"), payload...); !bytes.Equal(buf[:n], want) {
 		h.t.Fatalf("reply % x, want % x", buf[:n], want)
 	}
-	return r.backend
+	return r
 }
 
 func (h *engineHarness) recv() received {
@@ -436,26 +443,16 @@ func TestEngineFlowExpiry(t *testing.T) {
 }
 
 // kernelClients is a KernelPath forwarding a fixed set of clients; it
-// records the handovers.
+// records the handovers and releases. With carry set its Handover takes
+// the flows (the kernel carries them with their own addresses); active is
+// its LastActive, by client.
 type kernelClients struct {
 	mu        sync.Mutex
 	keys      map[ClientKey]bool
-	handovers map[[2]netip.AddrPort]int
-}
-
-func (k *kernelClients) Handover(client, local netip.AddrPort) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.handovers == nil {
-		k.handovers = map[[2]netip.AddrPort]int{}
-	}
-	k.handovers[[2]netip.AddrPort{client, local}]++
-}
-
-func (k *kernelClients) handedOver() map[[2]netip.AddrPort]int {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return maps.Clone(k.handovers)
+	carry     bool
+	handovers map[KernelFlow]int
+	active    map[netip.AddrPort]int64
+	releases  []KernelFlow
 }
 
 func (k *kernelClients) Forwards(c ClientKey) bool {
@@ -464,8 +461,54 @@ func (k *kernelClients) Forwards(c ClientKey) bool {
 	return k.keys[c]
 }
 
-// A flow whose client the kernel took over closes after HandoverIdle, long
-// before the flow timeout; the others stay.
+func (k *kernelClients) Handover(f KernelFlow) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.handovers == nil {
+		k.handovers = map[KernelFlow]int{}
+	}
+	k.handovers[f]++
+	return k.carry
+}
+
+func (k *kernelClients) LastActive(f KernelFlow) int64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.active[f.Client]
+}
+
+func (k *kernelClients) Release(f KernelFlow) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.releases = append(k.releases, f)
+}
+
+func (k *kernelClients) setActive(client netip.AddrPort, at int64) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.active == nil {
+		k.active = map[netip.AddrPort]int64{}
+	}
+	k.active[client] = at
+}
+
+func (k *kernelClients) handedOver() map[KernelFlow]int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return maps.Clone(k.handovers)
+}
+
+func (k *kernelClients) released() []KernelFlow {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return slices.Clone(k.releases)
+}
+
+func localAddr(c *net.UDPConn) netip.AddrPort { return c.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+// A flow whose client the kernel took over (through conntrack: Handover
+// returns false) closes after HandoverIdle, long before the flow timeout;
+// the others stay.
 func TestEngineHandoverClosesFlows(t *testing.T) {
 	h := newHarness(t, "127.0.0.1", "127.0.0.2")
 	kernel, userspace := h.client("127.0.0.10"), h.client("127.0.0.11")
@@ -479,13 +522,17 @@ func TestEngineHandoverClosesFlows(t *testing.T) {
 	// While the kernel client's datagrams still reach the listener (a
 	// conntrack entry from before its binding reached the kernel), its
 	// flow is handed over; it stays open.
-	want := [2]netip.AddrPort{kernel.LocalAddr().(*net.UDPAddr).AddrPort(), h.vipPort(0)}
 	for i := range 10 {
 		h.send(kernel, 0, []byte{byte(2 + i)})
 		time.Sleep(20 * time.Millisecond) // 200 ms: past a handover check (every 100 ms), within the 50 ms HandoverIdle
 	}
-	if got := kp.handedOver(); got[want] == 0 || len(got) != 1 {
-		t.Fatalf("handovers %v, want only %v", got, want)
+	got := kp.handedOver()
+	var flow KernelFlow
+	for f := range got {
+		flow = f
+	}
+	if len(got) != 1 || flow.Client != localAddr(kernel) || flow.Local != h.vipPort(0) || flow.Service != h.svc.ID {
+		t.Fatalf("handovers %v, want only the kernel client's %v → %v", got, localAddr(kernel), h.vipPort(0))
 	}
 	if n := h.e.Flows(); n != 2 {
 		t.Fatalf("%d flows while the kernel client is active, want 2", n)
@@ -495,10 +542,156 @@ func TestEngineHandoverClosesFlows(t *testing.T) {
 	if n := h.e.Flows(); n != 1 {
 		t.Fatalf("%d flows after the handover, want 1 (the userspace client's)", n)
 	}
+	if r := kp.released(); len(r) != 0 {
+		t.Fatalf("released %v: the kernel path took no flow", r)
+	}
 	h.e.SetKernelPath(nil)
 	h.send(kernel, 0, []byte{2}) // back through userspace: a new flow
 	if n := h.e.Flows(); n != 2 {
 		t.Fatalf("%d flows, want 2", n)
+	}
+}
+
+// checkKernelFlow checks that the kernel path was handed f as the backend
+// saw the flow (r): Upstream is the address and port the backend got the
+// datagram from, Backend where it got it.
+func checkKernelFlow(t *testing.T, h *engineHarness, f KernelFlow, client netip.AddrPort, r received) {
+	t.Helper()
+	want := KernelFlow{Service: h.svc.ID, Client: client, Local: netip.AddrPortFrom(h.vip, r.local.Port()),
+		Upstream: r.from, Backend: r.local}
+	if f != want {
+		t.Fatalf("kernel flow %+v, want %+v (as the backend saw it)", f, want)
+	}
+}
+
+// A flow the kernel carries with its own addresses (Handover returns
+// true) keeps its socket past HandoverIdle while the kernel forwards its
+// datagrams, forwards what still reaches the listener through that
+// socket, and closes once neither it nor the kernel forwarded anything for
+// the flow timeout; it is then released, once.
+func TestEngineKernelCarriesFlow(t *testing.T) {
+	h := newHarness(t, "127.0.0.1", "127.0.0.2")
+	h.svc.Timeout = 400 * time.Millisecond // flow idle timeout follows it; HandoverIdle is 50 ms
+	h.apply()
+	flowIdle := h.svc.Timeout
+	c := h.client("127.0.0.10")
+	client := localAddr(c)
+	kp := &kernelClients{carry: true, keys: map[ClientKey]bool{{Service: h.svc.ID, Client: AddrFrom(client.Addr())}: true}}
+	h.e.SetKernelPath(kp)
+
+	r := h.sendRecv(c, 0, []byte{1}) // the flow's first datagram asks
+	got := kp.handedOver()
+	if len(got) != 1 {
+		t.Fatalf("handovers %v, want one", got)
+	}
+	var kf KernelFlow
+	for f := range got {
+		kf = f
+	}
+	checkKernelFlow(t, h, kf, client, r)
+
+	// The kernel forwards the flow: nothing reaches the listener for
+	// longer than the flow timeout, yet the flow stays.
+	deadline := time.Now().Add(flowIdle + flowIdle/2)
+	for time.Now().Before(deadline) {
+		kp.setActive(client, time.Now().UnixNano())
+		time.Sleep(20 * time.Millisecond) // pacing the kernel's activity; a sweep every 20 ms
+		if n := h.e.Flows(); n != 1 {
+			t.Fatalf("%d flows while the kernel carries the client, want 1", n)
+		}
+	}
+	// A datagram the kernel leaves to userspace goes through the same
+	// socket; the flow asks again, with the same addresses.
+	if r2 := h.sendRecv(c, 0, []byte{2}); r2.from != r.from {
+		t.Fatalf("backend got the datagram from %v, want %v (the flow's socket)", r2.from, r.from)
+	}
+	if got := kp.handedOver(); len(got) != 1 || got[kf] != 2 {
+		t.Fatalf("handovers %v, want %v twice", got, kf)
+	}
+	if rs := kp.released(); len(rs) != 0 {
+		t.Fatalf("released %v while open", rs)
+	}
+
+	last := time.Now()
+	kp.setActive(client, last.UnixNano())
+	waitFor(t, "the idle flow to close", func() bool { return h.e.Flows() == 0 })
+	if idle := time.Since(last); idle < flowIdle {
+		t.Fatalf("flow closed %v after the kernel's last activity, before the %v flow timeout", idle, flowIdle)
+	}
+	if rs := kp.released(); len(rs) != 1 || rs[0] != kf {
+		t.Fatalf("released %v, want %v once", rs, kf)
+	}
+	// The socket is closed (the descriptor once its reply goroutine has
+	// returned): its port can be bound again.
+	waitFor(t, "the flow socket's port to be free", func() bool {
+		c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(kf.Upstream))
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+}
+
+// A flow the kernel carries is released when it is replaced (its client
+// re-bound to another backend) and when its listener closes.
+func TestEngineKernelFlowReleased(t *testing.T) {
+	for name, end := range map[string]func(h *engineHarness){
+		"service removed": func(h *engineHarness) {
+			if err := h.e.SetServices(nil); err != nil {
+				h.t.Fatal(err)
+			}
+		},
+		"engine closed": func(h *engineHarness) { h.e.Close() },
+	} {
+		t.Run(name, func(t *testing.T) {
+			h := newHarness(t, "127.0.0.1", "127.0.0.2", "127.0.0.3")
+			c := h.client("127.0.0.10")
+			client := localAddr(c)
+			key := ClientKey{Service: h.svc.ID, Client: AddrFrom(client.Addr())}
+			kp := &kernelClients{carry: true, keys: map[ClientKey]bool{key: true}}
+			h.e.SetKernelPath(kp)
+
+			r1 := h.sendRecv(c, 0, []byte{1})
+			// Re-bind the client to the other backend: its next
+			// datagram replaces the flow.
+			other := h.svc.Backends[0]
+			if other.Addr.String() == r1.backend {
+				other = h.svc.Backends[1]
+			}
+			h.table.Put(key, Entry{Backend: other.ID, Created: 1, LastSeen: h.e.now.Load()})
+			r2 := h.sendRecv(c, 0, []byte{2})
+			if r2.backend != other.Addr.String() {
+				t.Fatalf("re-bound client went to %s, want %s", r2.backend, other.Addr)
+			}
+			if n := h.e.Flows(); n != 1 {
+				t.Fatalf("%d flows, want 1", n)
+			}
+			got := kp.handedOver()
+			if len(got) != 2 {
+				t.Fatalf("handovers %v, want the two flows'", got)
+			}
+			var first, second KernelFlow
+			for f := range got {
+				if f.Backend == r1.local {
+					first = f
+				} else {
+					second = f
+				}
+			}
+			checkKernelFlow(t, h, first, client, r1)
+			checkKernelFlow(t, h, second, client, r2)
+			if rs := kp.released(); len(rs) != 1 || rs[0] != first {
+				t.Fatalf("released %v after the re-bind, want %v", rs, first)
+			}
+
+			end(h)
+			if n := h.e.Flows(); n != 0 {
+				t.Fatalf("%d flows", n)
+			}
+			if rs := kp.released(); len(rs) != 2 || rs[1] != second {
+				t.Fatalf("released %v, want %v then %v", rs, first, second)
+			}
+		})
 	}
 }
 

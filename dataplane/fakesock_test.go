@@ -233,10 +233,53 @@ func TestListenerFlowLimitHandsOver(t *testing.T) {
 	if len(got) != 16 {
 		t.Fatalf("%d clients handed over, want all 16 (4 with a flow, 12 dropped by the flow limit): %v", len(got), got)
 	}
+	var withFlow int
 	for fl := range got {
-		if fl[1] != l.addr {
-			t.Fatalf("handed over %v, want the listener's address %v", fl, l.addr)
+		if fl.Local != l.addr || fl.Service != 1 {
+			t.Fatalf("handed over %+v, want service 1 and the listener's address %v", fl, l.addr)
 		}
+		if fl.Backend.IsValid() {
+			withFlow++
+		} else if fl.Upstream != (netip.AddrPort{}) {
+			t.Fatalf("handed over %+v: an upstream without a flow", fl)
+		}
+	}
+	if withFlow != 4 {
+		t.Fatalf("%d handovers with a flow, want 4: %v", withFlow, got)
+	}
+}
+
+// TestListenerHandoverAllocs: asking the kernel path about flows it
+// carries, every batch, allocates nothing.
+func TestListenerHandoverAllocs(t *testing.T) {
+	e, l, _, _ := fakeEngine(t)
+	kp := &kernelClients{carry: true, keys: map[ClientKey]bool{}}
+	for i := range 16 {
+		kp.keys[ClientKey{Service: 1, Client: AddrFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}))}] = true
+	}
+	e.SetKernelPath(kp)
+	b := clientBatch(e, 32)
+	now := e.now.Load()
+	l.handleBatch(b, 32, now) // warm: 16 flows, each handed over
+	allocs := testing.AllocsPerRun(50, func() {
+		now += int64(handoverEvery)
+		l.handleBatch(b, 32, now)
+	})
+	if allocs != 0 {
+		t.Fatalf("handleBatch with handovers allocates %v per batch", allocs)
+	}
+	got := kp.handedOver()
+	if len(got) != 16 {
+		t.Fatalf("%d flows handed over, want 16", len(got))
+	}
+	for fl, n := range got {
+		if n != 52 { // AllocsPerRun runs once more to warm up
+			t.Fatalf("%+v handed over %d times, want 52 (once per batch)", fl, n)
+		}
+	}
+	e.Close()
+	if rs := kp.released(); len(rs) != 16 {
+		t.Fatalf("%d flows released at Close, want 16", len(rs))
 	}
 }
 

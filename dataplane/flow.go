@@ -31,6 +31,12 @@ type flow struct {
 	pacing pacing
 	// handoverAt: when the flow last asked the kernel path (coarse Unix ns).
 	handoverAt int64
+	// kernel is the kernel path that carries the flow with its own
+	// addresses (its Handover returned true), told by Release when the
+	// flow goes; nil while only userspace carries it. kf is the flow as
+	// the kernel sees it, set at the flow's first handover.
+	kernel KernelPath
+	kf     KernelFlow
 
 	// shared with the reply goroutine
 	lastActive atomic.Int64 // coarse Unix ns of the last datagram either way

@@ -202,14 +202,37 @@ const handoverEvery = 100 * time.Millisecond
 
 // handover tells the kernel path about a nat flow whose client it
 // forwards but whose datagrams still reach the listener (KernelPath); f is
-// nil for a datagram the flow limit dropped.
+// nil for a datagram the flow limit dropped. A flow the kernel path takes
+// is kept, and released to that path when it closes (forgetFlow).
 func (l *listener) handover(f *flow, sv *serviceView, fk flowKey, client netip.AddrPort, now int64) {
-	if f != nil {
-		f.handoverAt = now
+	kp, ok := l.engine.kernel.Load()
+	if f == nil {
+		if ok && kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}) {
+			kp.Handover(KernelFlow{Service: sv.svc.ID, Client: client, Local: l.addr})
+		}
+		return
 	}
-	if kp, ok := l.engine.kernel.Load(); ok && kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}) {
-		kp.Handover(client, l.addr)
+	f.handoverAt = now
+	if !ok || !kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}) {
+		return
 	}
+	if !f.kf.Client.IsValid() {
+		// The upstream is connected to the backend on the listener's
+		// port (natForwarder).
+		f.kf = KernelFlow{Service: sv.svc.ID, Client: client, Local: l.addr,
+			Upstream: unmapAddrPort(f.up.LocalAddr()), Backend: netip.AddrPortFrom(f.backendAddr, l.addr.Port())}
+	}
+	if !kp.Handover(f.kf) || f.kernel == kp {
+		return
+	}
+	if f.kernel != nil { // taken by a kernel path since replaced (SetKernelPath)
+		f.kernel.Release(f.kf)
+	}
+	f.kernel = kp
+}
+
+func unmapAddrPort(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
 // closeRetired closes the upstreams of the flows replaced during the batch.
@@ -264,24 +287,33 @@ func (l *listener) replaceFlow(fk flowKey, client netip.AddrPort, sv *serviceVie
 	return f, 0
 }
 
+// closeFlow removes f and closes its upstream, after the kernel path that
+// carries it (if any) has been told.
 func (l *listener) closeFlow(fk flowKey, f *flow) {
+	l.forgetFlow(fk, f)
 	if f.up != nil {
 		f.up.Close()
 	}
-	l.forgetFlow(fk, f)
 }
 
-// forgetFlow removes f from the flows and the counts without closing it.
+// forgetFlow removes f from the flows and the counts without closing it,
+// and releases it to the kernel path that carries it.
 func (l *listener) forgetFlow(fk flowKey, f *flow) {
 	delete(l.flows, fk)
 	l.engine.flowCount.Add(-1)
 	if f.up != nil {
 		l.engine.upstreams.Add(-1)
 	}
+	if f.kernel != nil {
+		f.kernel.Release(f.kf)
+		f.kernel = nil
+	}
 }
 
-// sweep closes flows idle longer than the service's flow timeout, and
-// flows whose reply goroutine stopped.
+// sweep closes flows idle longer than the service's flow timeout (in
+// userspace and, for a flow the kernel carries, in the kernel), flows
+// whose reply goroutine stopped, and flows idle longer than HandoverIdle
+// whose client the kernel forwards without them.
 func (l *listener) sweep(now int64) {
 	sv := l.svc.Load()
 	if sv == nil {
@@ -291,10 +323,14 @@ func (l *listener) sweep(now int64) {
 	kp, kernel := l.engine.kernel.Load()
 	for fk, f := range l.flows {
 		idle := now - f.lastActive.Load()
+		if f.kernel != nil && idle > sv.flowIdle {
+			// Idle here; the kernel may still carry it.
+			idle = min(idle, now-f.kernel.LastActive(f.kf))
+		}
 		switch {
 		case idle > sv.flowIdle || f.dead.Load():
-		case idle > handover && kernel && kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}):
-			// The kernel took the client over.
+		case f.kernel == nil && idle > handover && kernel && kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}):
+			// The kernel took the client over, through conntrack.
 		default:
 			continue
 		}

@@ -75,6 +75,14 @@ type DataplaneConfig struct {
 	// and IP forwarding on; without them it is off with a log line. See
 	// dataplane/DESIGN.md "Kernel fast path".
 	KernelFastPath bool `yaml:"kernel_fast_path"`
+	// NATFastPath is how the fast path carries nat-mode clients:
+	// "ingress" (default) NATs each handed-over flow statelessly at the
+	// interfaces' ingress, with the flow's own SNAT address and port, where
+	// the host has Ethernet-like interfaces and the service is IPv4;
+	// "conntrack" keeps them on the DNAT and SNAT rules. Either way a
+	// client the ingress stage cannot take goes through conntrack or
+	// userspace.
+	NATFastPath string `yaml:"nat_fast_path"`
 }
 
 // ClusterConfig are the membership settings (several nodes).
@@ -230,6 +238,11 @@ func (c *Config) Validate() error {
 	}
 	if err := checkHostPort("metrics_address", c.MetricsAddress, true); err != nil {
 		return err
+	}
+	switch c.Dataplane.NATFastPath {
+	case "", "ingress", "conntrack":
+	default:
+		return fmt.Errorf("dataplane.nat_fast_path: %q is not one of ingress, conntrack", c.Dataplane.NATFastPath)
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

@@ -53,59 +53,14 @@ func TestFastPathNAT(t *testing.T) {
 	netns.Require(t, "nft", "ss")
 	ikesim := IkesimBinary(t)
 	_, ctl := Binaries(t)
-
-	lab := netns.New(t, "fp")
-	c, lb := lab.AddNS("c"), lab.AddNS("lb")
-	lab.Link(c, "eth0", "198.51.100.2/24", lb, "up0", "198.51.100.1/24")
-	lb.AddAddr("up0", fpVIP+"/32")
-	c.DefaultRoute("198.51.100.1")
-	lb.Forward()
-	blan := lab.AddSwitch("blan")
-	blan.Attach(lb, "lan0", "10.0.0.1/24")
-	names := map[string]string{"10.0.0.11": "r1", "10.0.0.12": "r2"}
-	var rs []*netns.NS
-	for _, addr := range []string{"10.0.0.11", "10.0.0.12"} {
-		r := lab.AddNS(names[addr])
-		blan.Attach(r, "eth0", addr+"/24")
-		r.DefaultRoute("10.0.0.1")
-		// What the backend sees: the source ports of NAT-T datagrams.
-		r.NFT(`table ip seen {
+	fl := newFastPathLab(t, "fp", "conntrack", `table ip seen {
 	set sports { type inet_service; flags dynamic; }
 	chain input { type filter hook input priority 0; policy accept;
 		udp dport 4500 add @sports { udp sport }
 	}
-}`)
-		lab.Start(r, "responder-"+names[addr], ikesim, "responder", "--name", names[addr], "--ike", addr+":500", "--natt", addr+":4500")
-		rs = append(rs, r)
-	}
-	// The userspace path's deliveries: datagrams to VIP:500/4500 that reach
-	// the local listener instead of being forwarded.
-	lb.NFT(`table ip userspace {
-	chain input { type filter hook input priority 0; policy accept;
-		ip daddr ` + fpVIP + ` udp dport { 500, 4500 } counter
-	}
-}`)
-
-	cfg := fastPathConfig("lb1", "nat", fpVIP)
-	d := StartDaemon(t, "ikelbd-fastpath", fpAdmin, cfg, "ip", "netns", "exec", lb.Name())
-	ctlRun := func(args ...string) (string, error) {
-		return lb.Run(append([]string{ctl, "--addr", fpAdmin}, args...)...)
-	}
+}`, "ikelb_fast aff_1")
+	lab, c, lb, rs, d, ctlRun := fl.lab, fl.c, fl.lb, fl.rs, fl.d, fl.ctl
 	var last string
-	Eventually(t, 20*time.Second, func() bool {
-		if !d.Running() {
-			t.Fatalf("ikelbd exited:\n%s", d.Log())
-		}
-		if out, err := ctlRun("check", "ready"); err != nil {
-			last = "ready: " + out
-			return false
-		}
-		if out, err := lb.Run("nft", "list", "map", "ip", "ikelb_fast", "aff_1"); err != nil {
-			last = "nft: " + out
-			return false
-		}
-		return true
-	}, func() string { return "ikelbd not serving with the fast path: " + last })
 	userspace := func() uint64 { return nftCounter(t, lb, "chain", "ip", "userspace", "input") }
 	// What the kernel forwards (nat mode evaluates no rule of its own per
 	// packet: the test counts in a forward chain of its own).
@@ -310,7 +265,7 @@ func waitTouchedSince(t *testing.T, ns *netns.NS, ctl, service string, n int, si
 // service of the mode on vip with the two responders, the kernel fast
 // path on, and a persistence timeout short enough that kernel-forwarded
 // clients are touched every 4 s.
-func fastPathConfig(node, mode, vip string) string {
+func fastPathConfig(node, mode, vip, natPath string) string {
 	return fmt.Sprintf(`node: %s
 data_dir: ./data
 admin_address: %s
@@ -320,6 +275,7 @@ raft:
   bind_address: 127.0.0.1:0
 dataplane:
   kernel_fast_path: true
+  nat_fast_path: %s
 services:
   - name: vpn
     vip: %s
@@ -327,5 +283,69 @@ services:
     persistence_timeout: 16s # touches every 4 s
     health_check: {type: none}
     backends: [{address: 10.0.0.11}, {address: 10.0.0.12}]
-`, node, fpAdmin, vip, mode)
+`, node, fpAdmin, natPath, vip, mode)
+}
+
+// fastPathLab is the fast path lab with ikelbd serving one nat service
+// on lb: seen is each responder's nft ruleset (what it sees), ready the
+// "table map" ikelbd's fast path must list before the test starts.
+type fastPathLab struct {
+	lab   *netns.Lab
+	c, lb *netns.NS
+	rs    []*netns.NS
+	d     *Daemon
+	ctl   func(args ...string) (string, error)
+}
+
+func newFastPathLab(t *testing.T, prefix, natPath, seen, ready string) *fastPathLab {
+	t.Helper()
+	ikesim := IkesimBinary(t)
+	_, ctl := Binaries(t)
+	fl := &fastPathLab{lab: netns.New(t, prefix)}
+	lab := fl.lab
+	fl.c, fl.lb = lab.AddNS("c"), lab.AddNS("lb")
+	c, lb := fl.c, fl.lb
+	lab.Link(c, "eth0", "198.51.100.2/24", lb, "up0", "198.51.100.1/24")
+	lb.AddAddr("up0", fpVIP+"/32")
+	c.DefaultRoute("198.51.100.1")
+	lb.Forward()
+	blan := lab.AddSwitch("blan")
+	blan.Attach(lb, "lan0", "10.0.0.1/24")
+	names := map[string]string{"10.0.0.11": "r1", "10.0.0.12": "r2"}
+	for _, addr := range []string{"10.0.0.11", "10.0.0.12"} {
+		r := lab.AddNS(names[addr])
+		blan.Attach(r, "eth0", addr+"/24")
+		r.DefaultRoute("10.0.0.1")
+		r.NFT(seen)
+		lab.Start(r, "responder-"+names[addr], ikesim, "responder", "--name", names[addr], "--ike", addr+":500", "--natt", addr+":4500")
+		fl.rs = append(fl.rs, r)
+	}
+	// The userspace path's deliveries: datagrams to VIP:500/4500 that reach
+	// the local listener instead of being forwarded.
+	lb.NFT(`table ip userspace {
+	chain input { type filter hook input priority 0; policy accept;
+		ip daddr ` + fpVIP + ` udp dport { 500, 4500 } counter
+	}
+}`)
+	fl.d = StartDaemon(t, "ikelbd-"+prefix, fpAdmin, fastPathConfig("lb1", "nat", fpVIP, natPath), "ip", "netns", "exec", lb.Name())
+	fl.ctl = func(args ...string) (string, error) {
+		return lb.Run(append([]string{ctl, "--addr", fpAdmin}, args...)...)
+	}
+	var last string
+	Eventually(t, 20*time.Second, func() bool {
+		if !fl.d.Running() {
+			t.Fatalf("ikelbd exited:\n%s", fl.d.Log())
+		}
+		if out, err := fl.ctl("check", "ready"); err != nil {
+			last = "ready: " + out
+			return false
+		}
+		args := append([]string{"nft", "list", "map", "ip"}, strings.Fields(ready)...)
+		if out, err := lb.Run(args...); err != nil {
+			last = "nft: " + out
+			return false
+		}
+		return true
+	}, func() string { return "ikelbd not serving with the fast path: " + last })
+	return fl
 }

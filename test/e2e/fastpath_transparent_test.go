@@ -78,7 +78,7 @@ func TestFastPathTransparent(t *testing.T) {
 
 	var daemons []*Daemon
 	for i, lb := range lbs {
-		cfg := fastPathConfig(fmt.Sprintf("lb%d", i+1), "transparent", fptVIP)
+		cfg := fastPathConfig(fmt.Sprintf("lb%d", i+1), "transparent", fptVIP, "ingress")
 		daemons = append(daemons, StartDaemon(t, fmt.Sprintf("ikelbd-fpt%d", i+1), fpAdmin, cfg, "ip", "netns", "exec", lb.Name()))
 	}
 	var last string

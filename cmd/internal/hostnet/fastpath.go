@@ -51,6 +51,10 @@ type FastPathConfig struct {
 	Poll time.Duration
 	// Now returns Unix nanoseconds (touch times); default time.Now.
 	Now func() int64
+	// ConntrackNAT keeps nat clients on the conntrack path (DNAT and
+	// SNAT rules) even where the ingress stage could carry their flows
+	// statelessly.
+	ConntrackNAT bool
 }
 
 func (c *FastPathConfig) setDefaults() {
@@ -186,6 +190,37 @@ type mapOp struct {
 // (a listener's VIP:port).
 type ctFlow struct{ client, local netip.AddrPort }
 
+// natFlowOp is a handed-over nat flow entering (add) or leaving the
+// ingress stage's flow maps (natingress_linux.go).
+type natFlowOp struct {
+	svc *fastService
+	kf  dataplane.KernelFlow
+	add bool
+	// src: the op also adds (deletes) the upstream address towards the
+	// flow's backend: the first (last) flow of the service to it.
+	src bool
+}
+
+// clientRouteOp is a client's next hop entering (add) or leaving the
+// ingress stage's client next-hop maps.
+type clientRouteOp struct {
+	client netip.Addr
+	route  ingressRoute
+	add    bool
+}
+
+// natReqKey is what the ingress stage keys a flow's requests by.
+type natReqKey struct {
+	client netip.AddrPort
+	vport  uint16
+}
+
+// ingressRoute is a next hop: the neighbour and the interface.
+type ingressRoute struct {
+	via   netip.Addr
+	index int
+}
+
 // fastKernel is the nftables and conntrack side (fastpath_linux.go).
 type fastKernel interface {
 	// install replaces the whole table with the rules of svcs and the
@@ -216,6 +251,22 @@ type fastKernel interface {
 	// forwards reports whether the kernel forwards the family (the fast
 	// path needs it and does not turn it on).
 	forwards(v6 bool) bool
+	// ingressNAT reports the nat services whose handed-over flows the
+	// installed ingress stage carries statelessly (they have no DNAT
+	// rule).
+	ingressNAT() map[uint32]bool
+	// routed reports whether the ingress stage has a next hop for a
+	// backend.
+	routed(backend netip.Addr) bool
+	// clientRoute is the next hop towards a client through an interface
+	// the ingress stage hooks (false: none).
+	clientRoute(client netip.Addr) (ingressRoute, bool)
+	// updateFlows applies flow and client next-hop changes, deletes
+	// before adds.
+	updateFlows(flows []natFlowOp, routes []clientRouteOp) error
+	// flowCounts reads the packets the ingress stage matched to s's
+	// flows: requests by client and VIP port, replies by upstream.
+	flowCounts(s *fastService) (map[natReqKey]uint64, map[netip.AddrPort]uint64, error)
 }
 
 // FastPath keeps the kernel forwarding established clients of nat-mode
@@ -240,6 +291,9 @@ type FastPath struct {
 	// (Handover; full: dropped, the listener asks again at the flow's
 	// next datagram after 100 ms).
 	handovers chan ctFlow
+	// held: the nat flows the engine handed over to the ingress stage
+	// (fastpath_nat.go).
+	held *heldFlows
 	// sweepWanted: Handover's queue overflowed since the last poll;
 	// handoverAsks: Handover calls since then.
 	sweepWanted  atomic.Bool
@@ -275,7 +329,7 @@ func NewFastPath(cfg FastPathConfig) (*FastPath, error) {
 	if cfg.Logger == nil || cfg.Table == nil {
 		return nil, fmt.Errorf("%w: fast path needs a logger and a table", ErrInvalidConfig)
 	}
-	k, err := newFastKernel(cfg.NFTTable, cfg.Logger)
+	k, err := newFastKernel(cfg.NFTTable, cfg.Logger, cfg.ConntrackNAT)
 	if err != nil {
 		return nil, err
 	}
@@ -283,6 +337,7 @@ func NewFastPath(cfg FastPathConfig) (*FastPath, error) {
 }
 
 func startFastPath(cfg FastPathConfig, k fastKernel) *FastPath {
+	cfg.setDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &FastPath{
 		cfg: cfg, log: cfg.Logger, table: cfg.Table, kernel: k,
@@ -291,6 +346,7 @@ func startFastPath(cfg FastPathConfig, k fastKernel) *FastPath {
 		done:      make(chan struct{}),
 		wake:      make(chan struct{}, 1),
 		handovers: make(chan ctFlow, handoverQueue),
+		held:      newHeldFlows(),
 		counters:  map[uint32]FastCounters{},
 		base:      map[uint32]FastCounters{},
 		covered:   map[uint32]bool{},
@@ -352,8 +408,11 @@ func (f *FastPath) publish(st *fastState, gen uint64) {
 	if st.installed {
 		svcs := st.svcs
 		f.live.Store(&svcs)
+		nat := maps.Clone(f.kernel.ingressNAT())
+		f.held.live.Store(&nat)
 	} else {
 		f.live.Store(nil)
+		f.held.live.Store(nil)
 	}
 	covered := map[uint32]bool{}
 	if st.installed {
@@ -409,6 +468,7 @@ func (f *FastPath) Close() error {
 	f.closed = true
 	f.mu.Unlock()
 	f.live.Store(nil)
+	f.held.live.Store(nil)
 	f.table.SetObserver(nil)
 	f.cancel()
 	<-f.done
@@ -438,6 +498,8 @@ type fastState struct {
 	refreshErr string
 	// handoverErr likewise for handovers.
 	handoverErr string
+	// nat: the handed-over nat flows in the kernel (fastpath_nat.go).
+	nat natFlows
 }
 
 func (f *FastPath) run(ctx context.Context) {
@@ -445,6 +507,7 @@ func (f *FastPath) run(ctx context.Context) {
 	st := &fastState{
 		mirror: map[dataplane.ClientKey]netip.Addr{}, dirty: map[dataplane.ClientKey]struct{}{},
 		lastTouch: map[uint32]int64{}, packets: map[dataplane.ClientKey]uint64{},
+		nat: newNATFlows(),
 	}
 	poll := time.NewTicker(f.cfg.Poll)
 	defer poll.Stop()
@@ -471,6 +534,11 @@ func (f *FastPath) run(ctx context.Context) {
 			}
 			if len(st.dirty) >= f.cfg.BatchMax {
 				f.flush(st)
+			}
+		case <-f.held.kick:
+			if !flushArmed {
+				flush.Reset(f.cfg.BatchDelay)
+				flushArmed = true
 			}
 		case <-flush.C:
 			flushArmed = false
@@ -503,22 +571,6 @@ func (f *FastPath) take(st *fastState) bool {
 
 // handoverQueue bounds the flows waiting for Handover's deletes.
 const handoverQueue = 4096
-
-// Handover deletes, on the fast path's goroutine, the conntrack entry of
-// a nat flow whose client the kernel forwards but whose datagrams still
-// reach the listener through an entry made before the client entered the
-// map; the next datagram then takes the DNAT rule. It implements
-// dataplane.KernelPath; it never blocks.
-func (f *FastPath) Handover(client, local netip.AddrPort) {
-	f.handoverAsks.Add(1)
-	select {
-	case f.handovers <- ctFlow{client: client, local: local}:
-	default:
-		// More clients to move than the queue holds (many bound at
-		// once): the next poll sweeps them all from one dump.
-		f.sweepWanted.Store(true)
-	}
-}
 
 // sweepAfter is how many Handover calls between two polls make the poll
 // sweep instead of leaving them to the queue.
@@ -588,9 +640,15 @@ func (f *FastPath) Forwards(k dataplane.ClientKey) bool {
 	return ok
 }
 
-// want is k's map entry as the committed state says.
+// want is k's DNAT map entry as the committed state says. For a service
+// whose flows the ingress stage carries, only the clients the engine had
+// no flow for (Handover) are in it.
 func (f *FastPath) want(st *fastState, k dataplane.ClientKey) (netip.Addr, bool) {
-	return f.mapEntry(st.svcs, k)
+	a, ok := f.mapEntry(st.svcs, k)
+	if f.kernel.ingressNAT()[k.Service] && !f.held.inOverflow(k, !ok) {
+		return netip.Addr{}, false
+	}
+	return a, ok
 }
 
 func (f *FastPath) mapEntry(svcs map[uint32]*fastService, k dataplane.ClientKey) (netip.Addr, bool) {
@@ -612,16 +670,18 @@ func (f *FastPath) mapEntry(svcs map[uint32]*fastService, k dataplane.ClientKey)
 // flush applies st.dirty to the maps in one transaction, then forgets the
 // conntrack entries of the clients that left a map or changed backend.
 func (f *FastPath) flush(st *fastState) {
-	if len(st.dirty) == 0 || !st.installed {
-		clear(st.dirty)
-		return
-	}
-	var ops []mapOp
-	for k := range st.dirty {
-		ops = f.diff(st, k, ops)
+	if len(st.dirty) > 0 && st.installed {
+		// A client whose binding changed may have flows in the
+		// ingress stage that no longer belong there.
+		f.held.markClients(st.dirty)
+		var ops []mapOp
+		for k := range st.dirty {
+			ops = f.diff(st, k, ops)
+		}
+		f.apply(st, ops)
 	}
 	clear(st.dirty)
-	f.apply(st, ops)
+	f.flushFlows(st)
 }
 
 // diff appends the ops that make k's map entry what the table says.
@@ -779,6 +839,7 @@ func (f *FastPath) rebuild(st *fastState, old map[uint32]*fastService) {
 			f.forget(forget)
 		}
 		st.installed = false
+		st.nat = newNATFlows()
 		f.publish(st, 0)
 		return
 	}
@@ -801,6 +862,14 @@ func (f *FastPath) rebuild(st *fastState, old map[uint32]*fastService) {
 	st.installed = len(st.svcs) > 0
 	f.forget(forget)
 	f.publish(st, 0)
+	if st.installed && len(f.kernel.ingressNAT()) > 0 {
+		// The maps were filled before the install decided which nat
+		// services the ingress stage carries: their DNAT maps keep only
+		// the overflow clients.
+		f.resync(st)
+	}
+	f.resetFlows(st)
+	f.flushFlows(st)
 }
 
 // poll reads the counters and proposes touches for the clients the kernel
@@ -808,6 +877,13 @@ func (f *FastPath) rebuild(st *fastState, old map[uint32]*fastService) {
 func (f *FastPath) poll(st *fastState) {
 	if !st.installed {
 		return
+	}
+	if st.nat.broken {
+		f.log.Info("fast path: rebuilding after a failed nat flow update")
+		f.rebuild(st, st.svcs)
+		if !st.installed {
+			return
+		}
 	}
 	if again, err := f.kernel.refresh(st.svcs); err != nil {
 		if msg := err.Error(); msg != st.refreshErr {
@@ -822,28 +898,37 @@ func (f *FastPath) poll(st *fastState) {
 		}
 	}
 	f.readCounters(st.svcs)
-	if f.cfg.Proposer == nil {
-		return
-	}
 	now := f.cfg.Now()
+	nat := f.kernel.ingressNAT()
 	for id, s := range st.svcs {
+		if f.cfg.Proposer == nil && !nat[id] {
+			continue // no touches to propose; a held flow's activity is still read
+		}
 		if now-st.lastTouch[id] < int64(s.touchEvery) {
 			continue
 		}
 		st.lastTouch[id] = now
-		counts, err := f.kernel.activity(s)
+		var counts map[netip.Addr]uint64
+		var err error
+		if nat[id] {
+			counts, err = f.countFlows(st, s, now)
+		} else {
+			counts, err = f.kernel.activity(s)
+		}
 		if err != nil {
 			f.log.Warn("fast path: reading active clients failed", "error", err, "service_id", id)
 			continue
 		}
-		f.touch(st, id, counts, now)
+		if f.cfg.Proposer != nil {
+			f.touch(st, id, counts, now, nat[id])
+		}
 	}
 }
 
 // touch proposes a touch for every client of service id in the map whose
 // element counted packets since the last read (a count below the last one:
 // the element was replaced, and counted since), and keeps the counts.
-func (f *FastPath) touch(st *fastState, id uint32, counts map[netip.Addr]uint64, now int64) {
+func (f *FastPath) touch(st *fastState, id uint32, counts map[netip.Addr]uint64, now int64, nat bool) {
 	for k := range st.packets {
 		if k.Service == id {
 			if _, ok := counts[k.Client.Netip()]; !ok {
@@ -858,7 +943,9 @@ func (f *FastPath) touch(st *fastState, id uint32, counts map[netip.Addr]uint64,
 		if n == 0 || (known && n == last) {
 			continue
 		}
-		if _, ok := st.mirror[k]; ok {
+		// In the map; or with flows in the ingress stage (counts holds
+		// only the flows put there for the client's committed backend).
+		if _, ok := st.mirror[k]; ok || nat {
 			f.cfg.Proposer.Propose(dataplane.Proposal{Kind: dataplane.ProposeTouch, Key: k, At: now})
 		}
 	}

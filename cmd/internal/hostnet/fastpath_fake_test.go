@@ -2,8 +2,10 @@ package hostnet
 
 import (
 	"errors"
+	"maps"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,10 +27,18 @@ type fakeKernel struct {
 	sweeps     int
 	// rehook: the next refresh reports changed interfaces.
 	rehook bool
+	// natIngress: nat services go to the ingress stage; noRoute: no
+	// client has a next hop; flowErr fails flow updates.
+	natIngress bool
+	noRoute    bool
+	flowErr    error
+	flows      map[dataplane.KernelFlow]uint64 // → packets counted
+	routes     map[netip.Addr]ingressRoute
 }
 
 func newFakeKernel() *fakeKernel {
-	return &fakeKernel{elems: map[dataplane.ClientKey]netip.Addr{}}
+	return &fakeKernel{elems: map[dataplane.ClientKey]netip.Addr{},
+		flows: map[dataplane.KernelFlow]uint64{}, routes: map[netip.Addr]ingressRoute{}}
 }
 
 func (k *fakeKernel) install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error {
@@ -39,6 +49,7 @@ func (k *fakeKernel) install(svcs map[uint32]*fastService, elems map[dataplane.C
 	}
 	k.installs++
 	k.present, k.svcs, k.elems = true, svcs, map[dataplane.ClientKey]netip.Addr{}
+	k.flows, k.routes = map[dataplane.KernelFlow]uint64{}, map[netip.Addr]ingressRoute{}
 	for key, a := range elems {
 		k.elems[key] = a
 	}
@@ -76,10 +87,85 @@ func (k *fakeKernel) remove() error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.present, k.svcs, k.elems = false, nil, map[dataplane.ClientKey]netip.Addr{}
+	k.flows, k.routes = map[dataplane.KernelFlow]uint64{}, map[netip.Addr]ingressRoute{}
 	return nil
 }
 
 func (k *fakeKernel) forwards(bool) bool { return true }
+
+func (k *fakeKernel) ingressNAT() map[uint32]bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !k.present {
+		return nil
+	}
+	out := map[uint32]bool{}
+	for id, s := range k.svcs {
+		if k.natIngress && natStateless(s) {
+			out[id] = true
+		}
+	}
+	return out
+}
+
+func (k *fakeKernel) routed(netip.Addr) bool { return true }
+
+func (k *fakeKernel) clientRoute(c netip.Addr) (ingressRoute, bool) {
+	return ingressRoute{via: c, index: 1}, !k.noRoute
+}
+
+func (k *fakeKernel) updateFlows(flows []natFlowOp, routes []clientRouteOp) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.flowErr != nil {
+		return k.flowErr
+	}
+	for _, op := range flows {
+		if !op.add {
+			delete(k.flows, op.kf)
+		}
+	}
+	for _, r := range routes {
+		if !r.add {
+			delete(k.routes, r.client)
+		}
+	}
+	for _, r := range routes {
+		if r.add {
+			k.routes[r.client] = r.route
+		}
+	}
+	for _, op := range flows {
+		if op.add {
+			for o := range k.flows { // the kernel refuses a second element with the same key
+				if reqKey(o) == reqKey(op.kf) || replyKey(o) == replyKey(op.kf) {
+					return errors.New("element exists")
+				}
+			}
+			k.flows[op.kf] = 0
+		}
+	}
+	return nil
+}
+
+func (k *fakeKernel) flowCounts(s *fastService) (map[natReqKey]uint64, map[netip.AddrPort]uint64, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	req, rep := map[natReqKey]uint64{}, map[netip.AddrPort]uint64{}
+	for kf, n := range k.flows {
+		if kf.Service == s.id {
+			req[reqKey(kf)] = n
+		}
+	}
+	return req, rep, nil
+}
+
+// snapshotFlows returns the flows in the kernel's maps.
+func (k *fakeKernel) snapshotFlows() map[dataplane.KernelFlow]uint64 {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return maps.Clone(k.flows)
+}
 
 func (k *fakeKernel) handover(flows []ctFlow) error {
 	k.mu.Lock()
@@ -287,7 +373,7 @@ func TestFastPathHandover(t *testing.T) {
 	ap := netip.MustParseAddrPort
 	vip := ap("10.0.100.1:4500")
 	for i := range 2 * handoverQueue { // more than the queue holds: the rest are dropped, never waited for
-		fp.Handover(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), vip)
+		fp.Handover(dataplane.KernelFlow{Service: 7, Client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), Local: vip})
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -323,13 +409,13 @@ func TestFastPathSweepsWhenHandoversOverflow(t *testing.T) {
 		return k.sweeps
 	}
 	vip := netip.MustParseAddrPort("10.0.100.1:4500")
-	fp.Handover(netip.MustParseAddrPort("10.1.0.1:4500"), vip)
+	fp.Handover(dataplane.KernelFlow{Service: 7, Client: netip.MustParseAddrPort("10.1.0.1:4500"), Local: vip})
 	time.Sleep(50 * time.Millisecond) // ten polls
 	if n := sweeps(); n != 0 {
 		t.Fatalf("%d sweeps after one handover, want 0", n)
 	}
 	for i := range 4 * handoverQueue {
-		fp.Handover(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), vip)
+		fp.Handover(dataplane.KernelFlow{Service: 7, Client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), Local: vip})
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for sweeps() == 0 {
@@ -343,5 +429,95 @@ func TestFastPathSweepsWhenHandoversOverflow(t *testing.T) {
 	time.Sleep(50 * time.Millisecond) // ten more polls, without an overflow
 	if m := sweeps(); m != n {
 		t.Errorf("sweeps went on without an overflow: %d, then %d", n, m)
+	}
+}
+
+// TestFastPathNATFlows: with the ingress stage carrying the nat service,
+// a handed-over flow whose client's binding is its backend goes into the
+// flow maps (Handover says so), leaves them when released or when the
+// client is bound elsewhere, is active as long as its counts move, and
+// the DNAT map holds only the clients the engine had no flow for.
+func TestFastPathNATFlows(t *testing.T) {
+	a, ap := netip.MustParseAddr, netip.MustParseAddrPort
+	k := newFakeKernel()
+	k.natIngress = true
+	tb := dataplane.NewTable()
+	var now atomic.Int64
+	now.Store(1)
+	prop := &touches{keys: map[dataplane.ClientKey]int{}}
+	fp := startFastPath(FastPathConfig{Logger: slogDiscard, Table: tb, Proposer: prop, Poll: 5 * time.Millisecond, Now: now.Load}, k)
+	defer fp.Close()
+	svc := dataplane.Service{ID: 7, Mode: dataplane.ModeNAT, VIP: a("10.0.100.1"), Ports: []uint16{500, 4500}, Timeout: 20 * time.Millisecond,
+		Backends: []dataplane.Backend{{ID: 1, Addr: a("10.0.0.11"), Weight: 1, State: dataplane.StateActive},
+			{ID: 2, Addr: a("10.0.0.12"), Weight: 1, State: dataplane.StateActive}}}
+	fp.transparent(fp.setServices([]dataplane.Service{svc}), 5*time.Second)
+	key := func(c string) dataplane.ClientKey {
+		return dataplane.ClientKey{Service: 7, Client: dataplane.AddrFrom(a(c))}
+	}
+	tb.Put(key("10.1.0.1"), dataplane.Entry{Backend: 1})
+	tb.Put(key("10.1.0.2"), dataplane.Entry{Backend: 2})
+	kf := dataplane.KernelFlow{Service: 7, Client: ap("10.1.0.1:4500"), Local: ap("10.0.100.1:4500"),
+		Upstream: ap("10.0.0.1:40001"), Backend: ap("10.0.0.11:4500")}
+	wait := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s; kernel flows %v", what, k.snapshotFlows())
+			}
+			time.Sleep(5 * time.Millisecond) // polling the fast path's goroutine, with a deadline
+		}
+	}
+	if !fp.Handover(kf) {
+		t.Fatal("Handover of a flow of a service the ingress stage carries = false")
+	}
+	wait("the flow in the maps", func() bool { _, ok := k.snapshotFlows()[kf]; return ok })
+	if _, elems, _ := k.snapshot(); len(elems) != 0 {
+		t.Fatalf("DNAT map %v, want empty: every client has its flow", elems)
+	}
+	// A flow to another backend than the binding's stays out.
+	stale := kf
+	stale.Client, stale.Upstream = ap("10.1.0.2:4500"), ap("10.0.0.1:40002")
+	fp.Handover(stale)
+	time.Sleep(50 * time.Millisecond) // ten polls and flushes
+	if _, ok := k.snapshotFlows()[stale]; ok {
+		t.Fatal("a flow to another backend than its client's binding went into the maps")
+	}
+	// Activity: counts that move make the flow active at that time.
+	k.mu.Lock()
+	k.flows[kf] = 5
+	k.mu.Unlock()
+	now.Store(int64(time.Second))
+	wait("the flow active", func() bool { return fp.LastActive(kf) == int64(time.Second) })
+	wait("its client touched", func() bool {
+		prop.mu.Lock()
+		defer prop.mu.Unlock()
+		return prop.keys[key("10.1.0.1")] > 0
+	})
+	// Bound elsewhere: out of the maps; bound back and released: out.
+	tb.Put(key("10.1.0.1"), dataplane.Entry{Backend: 2, Created: 2})
+	wait("the re-bound client's flow out", func() bool { return len(k.snapshotFlows()) == 0 })
+	tb.Put(key("10.1.0.1"), dataplane.Entry{Backend: 1, Created: 3})
+	fp.Handover(kf)
+	wait("the flow back in", func() bool { return len(k.snapshotFlows()) == 1 })
+	fp.Release(kf)
+	wait("the released flow out", func() bool { return len(k.snapshotFlows()) == 0 })
+	if fp.LastActive(kf) != 0 {
+		t.Fatal("a released flow is still active")
+	}
+	// No flow for the client (the engine's limit): the DNAT map.
+	fp.Handover(dataplane.KernelFlow{Service: 7, Client: ap("10.1.0.2:4500"), Local: ap("10.0.100.1:4500")})
+	wait("the overflow client in the DNAT map", func() bool {
+		_, elems, _ := k.snapshot()
+		return elems[key("10.1.0.2")] == a("10.0.0.12") && len(elems) == 1
+	})
+	// Without the ingress stage Handover says false.
+	k.mu.Lock()
+	k.natIngress = false
+	k.mu.Unlock()
+	k.rehook = true // a reinstall, which asks ingressNAT again
+	wait("every client in the DNAT map", func() bool { _, elems, _ := k.snapshot(); return len(elems) == 2 })
+	if fp.Handover(kf) {
+		t.Fatal("Handover = true without the ingress stage")
 	}
 }

@@ -27,6 +27,15 @@ type nftFast struct {
 	// last one install attempted, so that a failed one is not retried
 	// at every poll, only when the interfaces change.
 	plan, tried ingressPlan
+	// failed is the last plan whose ingress rules could not be set up:
+	// install does not plan nat services on it again (they would be
+	// left with neither rules) until the interfaces change.
+	failed ingressPlan
+	// natIngress: the nat services install left to the ingress stage
+	// (stateless flows, no DNAT rule), while plan is active.
+	natIngress map[uint32]bool
+	// conntrackNAT: never leave nat services to the ingress stage.
+	conntrackNAT bool
 	// svcs is the set installed; ct what conntrack showed of its nat
 	// services (conntrack_linux.go).
 	svcs map[uint32]*fastService
@@ -36,11 +45,11 @@ type nftFast struct {
 	acctTried bool
 }
 
-func newFastKernel(name string, log *slog.Logger) (fastKernel, error) {
+func newFastKernel(name string, log *slog.Logger, conntrackNAT bool) (fastKernel, error) {
 	if !forwards(false) && !forwards(true) {
 		return nil, fmt.Errorf("%w: ip forwarding is off (net.ipv4.conf.all.forwarding and net.ipv6.conf.all.forwarding are 0)", ErrFastPathUnavailable)
 	}
-	k := &nftFast{name: name, log: log}
+	k := &nftFast{name: name, log: log, conntrackNAT: conntrackNAT}
 	if err := k.remove(); err != nil { // a table left by a killed run
 		return nil, fmt.Errorf("%w: %w", ErrFastPathUnavailable, err)
 	}
@@ -127,11 +136,19 @@ func deleteElements(c *nftables.Conn, set *nftables.Set, elems []nftables.SetEle
 // transactions (clients not in a map yet meanwhile reach the userspace
 // listener, which decides them the same way).
 func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error {
-	plan, err := planIngress(svcs)
+	plan, err := planIngress(svcs, !k.conntrackNAT)
 	if err != nil {
 		k.log.Warn("fast path: no ingress stage for transparent services", "error", err)
 	}
 	k.tried, k.plan = plan, ingressPlan{}
+	k.natIngress = map[uint32]bool{}
+	if plan.active() && !plan.sameHooks(k.failed) && !k.conntrackNAT {
+		for id, s := range svcs {
+			if natStateless(s) {
+				k.natIngress[id] = true
+			}
+		}
+	}
 	if hasNATFamily(svcs, false) || hasNATFamily(svcs, true) {
 		k.enableAccounting()
 	}
@@ -187,6 +204,13 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 	}
 	if plan.active() {
 		if err := k.setupIngress(svcs, plan); err != nil {
+			if len(k.natIngress) > 0 {
+				// The nat services have no DNAT rule in these tables:
+				// install again with the IP stack's rules for them.
+				k.log.Warn("fast path: no ingress stage; nat clients go through conntrack", "error", err)
+				k.failed = plan
+				return k.install(svcs, elems)
+			}
 			k.log.Warn("fast path: no ingress stage for transparent services; the IP stack's rules forward their clients", "error", err)
 		} else {
 			k.plan = plan
@@ -254,6 +278,9 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 			continue
 		}
 
+		// (A service whose flows the ingress stage carries
+		// (natingress_linux.go) has in its map only the clients the
+		// engine had no flow for: its flow limit.)
 		// Tracked: a client's first datagram is decided by the DNAT rule
 		// (in the map: to its backend; not: to the userspace listener),
 		// the rest follow its conntrack entry with no rule evaluated. A
@@ -546,6 +573,10 @@ func (k *nftFast) counters(svcs map[uint32]*fastService) (map[uint32]FastCounter
 		if !s.transparent {
 			out[id] = k.ct.totals[id]
 			k.ct.reported[id] = out[id]
+			in, rep := ingress[natInCounter(s)], ingress[natRepCounter(s)]
+			c := out[id]
+			c.Packets, c.Bytes, c.ReplyPackets, c.ReplyBytes = c.Packets+in[0], c.Bytes+in[1], c.ReplyPackets+rep[0], c.ReplyBytes+rep[1]
+			out[id] = c
 			continue
 		}
 		f, r, in := byName[fwdCounter(s)], byName[repCounter(s)], ingress[inCounter(s)]
@@ -599,7 +630,7 @@ func (k *nftFast) remove() error {
 	if err := c.Flush(); err != nil {
 		return wrap("delete nft tables "+k.name, err)
 	}
-	k.plan, k.tried, k.svcs = ingressPlan{}, ingressPlan{}, nil
+	k.plan, k.tried, k.svcs, k.natIngress = ingressPlan{}, ingressPlan{}, nil, nil
 	k.ct.reset()
 	return nil
 }

@@ -7,6 +7,6 @@ import (
 	"log/slog"
 )
 
-func newFastKernel(string, *slog.Logger) (fastKernel, error) {
+func newFastKernel(string, *slog.Logger, bool) (fastKernel, error) {
 	return nil, fmt.Errorf("%w: %w", ErrFastPathUnavailable, ErrUnsupported)
 }

@@ -171,7 +171,7 @@ func TestFastPathChild(t *testing.T) {
 	}
 	tb.Put(key("10.1.0.1"), dataplane.Entry{Backend: 1}) // before the fast path exists
 	prop := &touches{keys: map[dataplane.ClientKey]int{}}
-	fp, err := NewFastPath(FastPathConfig{Logger: slogDiscard, Table: tb, Proposer: prop, Poll: 20 * time.Millisecond, QueueSize: 8})
+	fp, err := NewFastPath(FastPathConfig{Logger: slogDiscard, Table: tb, Proposer: prop, Poll: 20 * time.Millisecond, QueueSize: 8, ConntrackNAT: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -48,6 +48,7 @@ type ingressPlan struct {
 	devs   []ingressDev                // the interfaces hooked, by index
 	routes map[netip.Addr]ingressRoute // usable backend → next hop
 	mtu    uint32                      // the smallest MTU of the routes' interfaces
+	devMTU uint32                      // the smallest MTU of the hooked interfaces
 }
 
 type ingressDev struct {
@@ -55,25 +56,20 @@ type ingressDev struct {
 	name  string
 }
 
-type ingressRoute struct {
-	via   netip.Addr
-	index int
-}
-
 func (p ingressPlan) active() bool { return len(p.devs) > 0 && len(p.routes) > 0 }
 
 // sameHooks: the same chains and rules (routes go into a map).
 func (p ingressPlan) sameHooks(o ingressPlan) bool {
-	return p.active() == o.active() && slices.Equal(p.devs, o.devs) && p.mtu == o.mtu
+	return p.active() == o.active() && slices.Equal(p.devs, o.devs) && p.mtu == o.mtu && p.devMTU == o.devMTU
 }
 
 // planIngress reads the interfaces and the usable backends' routes of the
-// transparent services in svcs.
-func planIngress(svcs map[uint32]*fastService) (ingressPlan, error) {
+// transparent and the nat IPv4 services in svcs.
+func planIngress(svcs map[uint32]*fastService, withNAT bool) (ingressPlan, error) {
 	var p ingressPlan
 	var backends []netip.Addr
 	for _, id := range sortedIDs(svcs) {
-		if s := svcs[id]; s.transparent {
+		if s := svcs[id]; s.transparent || (withNAT && natStateless(s)) {
 			for _, b := range s.backends {
 				backends = append(backends, b)
 			}
@@ -94,6 +90,9 @@ func planIngress(svcs map[uint32]*fastService) (ingressPlan, error) {
 			continue
 		}
 		mtus[a.Index] = uint32(a.MTU)
+		if p.devMTU == 0 || uint32(a.MTU) < p.devMTU {
+			p.devMTU = uint32(a.MTU)
+		}
 		p.devs = append(p.devs, ingressDev{index: a.Index, name: a.Name})
 	}
 	slices.SortFunc(p.devs, func(a, b ingressDev) int { return a.index - b.index })
@@ -164,7 +163,7 @@ func (k *nftFast) ingressObjects(c *nftables.Conn, svcs map[uint32]*fastService,
 	for _, m := range []struct {
 		set   *nftables.Set
 		elems []nftables.SetElement
-	}{{nhopMap(t), nhop}, {odevMap(t), odev}} {
+	}{{nhopMap(t), nhop}, {odevMap(t), odev}, {cnhopMap(t), nil}, {codevMap(t), nil}} {
 		if err := c.AddSet(m.set, nil); err != nil {
 			return wrap("nft map "+m.set.Name, err)
 		}
@@ -174,6 +173,12 @@ func (k *nftFast) ingressObjects(c *nftables.Conn, svcs map[uint32]*fastService,
 	}
 	for _, id := range sortedIDs(svcs) {
 		s := svcs[id]
+		if k.natIngress[id] {
+			if err := natIngressObjects(c, t, s); err != nil {
+				return err
+			}
+			continue
+		}
 		if !s.transparent {
 			continue
 		}
@@ -206,6 +211,18 @@ func (k *nftFast) ingressHooks(svcs map[uint32]*fastService, p ingressPlan) erro
 	for _, d := range p.devs {
 		for _, id := range sortedIDs(svcs) {
 			s := svcs[id]
+			if k.natIngress[id] {
+				req, err := natRequestRule(t, "in_"+d.name, s, p.mtu)
+				if err != nil {
+					return err
+				}
+				reply, err := natReplyRule(t, "in_"+d.name, s, p.devMTU)
+				if err != nil {
+					return err
+				}
+				rules = append(rules, req, reply)
+				continue
+			}
 			if !s.transparent {
 				continue
 			}
@@ -241,18 +258,9 @@ func ingressRule(t *nftables.Table, chain string, s *fastService, mtu uint32) (m
 	exprs = append(exprs,
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 		&expr.Lookup{SourceRegister: 1, SetName: ports.Name},
-		// Addressed to this host at layer 2, not a fragment, TTL left
-		// after the hop, small enough for every outgoing interface.
-		&expr.Meta{Key: expr.MetaKeyPKTTYPE, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.PACKET_HOST}},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 6, Len: 2},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0x3f, 0xff}, Xor: []byte{0, 0}},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0}},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 1},
-		&expr.Cmp{Op: expr.CmpOpGt, Register: 1, Data: []byte{1}},
-		&expr.Meta{Key: expr.MetaKeyLEN, Register: 1},
-		&expr.Byteorder{SourceRegister: 1, DestRegister: 1, Op: expr.ByteorderHton, Len: 4, Size: 4},
-		&expr.Cmp{Op: expr.CmpOpLte, Register: 1, Data: binaryutil.BigEndian.PutUint32(mtu)},
+	)
+	exprs = append(exprs, hostChecks(mtu)...)
+	exprs = append(exprs,
 		// ip daddr set ip saddr map @aff counter name in_ID
 		// fwd ip to ip daddr map @nhop device ip daddr map @odev: the
 		// nft CLI's own bytecode for that statement, so that it lists
@@ -270,6 +278,12 @@ func ingressRule(t *nftables.Table, chain string, s *fastService, mtu uint32) (m
 		&expr.Payload{DestRegister: 2, Base: expr.PayloadBaseNetworkHeader, Offset: dst, Len: n},
 		&expr.Lookup{SourceRegister: 2, DestRegister: 2, IsDestRegSet: true, SetName: "nhop"},
 	)
+	return fwdRule(t, chain, exprs, 1, 2)
+}
+
+// fwdRule is a netdev rule of exprs ending in "fwd ip to" the address in
+// register addrReg through the interface in devReg, appended to chain.
+func fwdRule(t *nftables.Table, chain string, exprs []expr.Any, devReg, addrReg uint32) (mnl.Message, error) {
 	fam := byte(t.Family)
 	var list []mnl.Attribute
 	for _, e := range exprs {
@@ -280,8 +294,8 @@ func ingressRule(t *nftables.Table, chain string, s *fastService, mtu uint32) (m
 		list = append(list, mnl.Attribute{Type: unix.NLA_F_NESTED | unix.NFTA_LIST_ELEM, Data: b})
 	}
 	fwd, err := mnl.MarshalAttributes([]mnl.Attribute{
-		{Type: unix.NFTA_FWD_SREG_DEV, Data: binaryutil.BigEndian.PutUint32(1)},
-		{Type: nftaFwdSregAddr, Data: binaryutil.BigEndian.PutUint32(2)},
+		{Type: unix.NFTA_FWD_SREG_DEV, Data: binaryutil.BigEndian.PutUint32(devReg)},
+		{Type: nftaFwdSregAddr, Data: binaryutil.BigEndian.PutUint32(addrReg)},
 		{Type: nftaFwdNFProto, Data: binaryutil.BigEndian.PutUint32(unix.NFPROTO_IPV4)},
 	})
 	if err != nil {
@@ -389,12 +403,22 @@ func (k *nftFast) removeIngress() error {
 // written to the routes map; a changed interface set or MTU asks for a
 // reinstall (true).
 func (k *nftFast) refresh(svcs map[uint32]*fastService) (bool, error) {
-	p, err := planIngress(svcs)
+	p, err := planIngress(svcs, !k.conntrackNAT)
 	if err != nil {
 		return false, err
 	}
 	if !p.sameHooks(k.tried) {
 		return true, nil
+	}
+	if len(k.natIngress) > 0 && k.plan.active() {
+		// A nat flow towards a backend without a next hop would leave
+		// half-rewritten: reinstall, and only routed backends' flows go
+		// back in.
+		for b := range k.plan.routes {
+			if _, ok := p.routes[b]; !ok {
+				return true, nil
+			}
+		}
 	}
 	if !k.plan.active() || maps.Equal(p.routes, k.plan.routes) {
 		return false, nil

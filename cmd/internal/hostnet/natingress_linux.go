@@ -1,0 +1,468 @@
+package hostnet
+
+import (
+	"net/netip"
+	"strconv"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	mnl "github.com/mdlayher/netlink"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ikelb/ikelb/dataplane"
+)
+
+// The nat fast path's ingress stage: stateless NAT of handed-over flows
+// at netdev ingress, both ways, with the flow's own upstream socket's
+// address and port as the source towards the backend (the socket stays
+// open in the engine and holds the port). No routing, no netfilter IP
+// hooks, no conntrack. Per nat IPv4 service, in table netdev ikelb_fast:
+//
+//	map nb_ID { client . port . vport → backend }                 counter per element
+//	map np_ID { client . port . vport → upstream port }
+//	map ns_ID { backend → upstream address }
+//	map rc_ID { backend . vport . upstream . port → client }      counter per element
+//	map rp_ID { backend . vport . client . port → client port }
+//	map cnhop { client → next hop }, map codev { client → ifindex }   (shared)
+//	chain in_DEV:
+//	  ip daddr VIP udp dport @ports_ID (host, not a fragment, TTL > 1, length ≤ MTU)
+//	     ip daddr set ip saddr . udp sport . udp dport map @nb_ID
+//	     udp sport set ip saddr . udp sport . udp dport map @np_ID
+//	     ip saddr set ip daddr map @ns_ID counter name nin_ID
+//	     fwd ip to ip daddr map @nhop device ip daddr map @odev
+//	  udp sport @ports_ID (host, not a fragment, TTL > 1, length ≤ MTU)
+//	     ip daddr set ip saddr . udp sport . ip daddr . udp dport map @rc_ID
+//	     udp dport set ip saddr . udp sport . ip daddr . udp dport map @rp_ID
+//	     ip saddr set VIP counter name nrep_ID
+//	     fwd ip to ip daddr map @cnhop device ip daddr map @codev
+//
+// Each statement looks up what the previous ones left, as the nft CLI
+// would compile that text (so that it lists the rules): rp_ID is keyed by
+// the client address rc_ID wrote. A flow missing from nb_ID or rc_ID
+// leaves the datagram as it came, and the IP stack delivers it to the
+// listener or to the flow's socket, where the engine forwards it through
+// the same flow: what the stage does not take (fragments, oversized
+// datagrams, expiring TTLs) keeps the same addresses and ports. The
+// other maps hold an element for every flow in nb_ID and rc_ID (same
+// transaction), and flows go in only towards backends the ingress plan
+// routes and clients with a next hop.
+
+// natKeyType: client address . client port . VIP port.
+var natKeyType = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeInetService)
+
+// natReplyKeyType: backend address . backend port . upstream address . upstream port.
+var natReplyKeyType = nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeIPAddr, nftables.TypeInetService)
+
+func natMap(t *nftables.Table, prefix string, s *fastService, reply bool, data nftables.SetDatatype, counter bool) *nftables.Set {
+	key := natKeyType
+	if reply {
+		key = natReplyKeyType
+	}
+	return &nftables.Set{Table: t, Name: prefix + strconv.FormatUint(uint64(s.id), 10), IsMap: true,
+		KeyType: key, DataType: data, Concatenation: true, Counter: counter}
+}
+
+func natMaps(t *nftables.Table, s *fastService) (nb, np, ns, rc, rp *nftables.Set) {
+	return natMap(t, "nb_", s, false, nftables.TypeIPAddr, true),
+		natMap(t, "np_", s, false, nftables.TypeInetService, false),
+		&nftables.Set{Table: t, Name: "ns_" + strconv.FormatUint(uint64(s.id), 10), IsMap: true, KeyType: nftables.TypeIPAddr, DataType: nftables.TypeIPAddr},
+		natMap(t, "rc_", s, true, nftables.TypeIPAddr, true),
+		natMap(t, "rp_", s, true, nftables.TypeInetService, false)
+}
+
+func cnhopMap(t *nftables.Table) *nftables.Set {
+	return &nftables.Set{Table: t, Name: "cnhop", IsMap: true, KeyType: nftables.TypeIPAddr, DataType: nftables.TypeIPAddr}
+}
+
+func codevMap(t *nftables.Table) *nftables.Set {
+	return &nftables.Set{Table: t, Name: "codev", IsMap: true, KeyType: nftables.TypeIPAddr, DataType: nftables.TypeIFIndex}
+}
+
+func natInCounter(s *fastService) string  { return "nin_" + strconv.FormatUint(uint64(s.id), 10) }
+func natRepCounter(s *fastService) string { return "nrep_" + strconv.FormatUint(uint64(s.id), 10) }
+
+// concatPort is a port as a concatenation field: big-endian, padded to 4.
+func concatPort(p uint16) []byte { return []byte{byte(p >> 8), byte(p), 0, 0} }
+
+// natKey: client address . port . VIP port.
+func natKey(client netip.AddrPort, vport uint16) []byte {
+	a := client.Addr().Unmap().As4()
+	return append(append(a[:], concatPort(client.Port())...), concatPort(vport)...)
+}
+
+func port16(p uint16) []byte { return binaryutil.BigEndian.PutUint16(p) }
+
+// natStateless reports whether s is a service the ingress stage carries
+// statelessly when it is active: nat mode, IPv4 (the rules rewrite IPv4
+// headers only).
+func natStateless(s *fastService) bool { return !s.transparent && !s.v6() }
+
+// natIngressObjects adds s's maps and counters to the netdev table.
+func natIngressObjects(c *nftables.Conn, t *nftables.Table, s *fastService) error {
+	ports := portsSet(t, s)
+	var pe []nftables.SetElement
+	for _, p := range s.ports {
+		pe = append(pe, nftables.SetElement{Key: port16(p)})
+	}
+	if err := c.AddSet(ports, pe); err != nil {
+		return wrap("nft set "+ports.Name, err)
+	}
+	nb, np, ns, rc, rp := natMaps(t, s)
+	for _, m := range []*nftables.Set{nb, np, ns, rc, rp} {
+		if err := c.AddSet(m, nil); err != nil {
+			return wrap("nft map "+m.Name, err)
+		}
+	}
+	c.AddObj(&nftables.CounterObj{Table: t, Name: natInCounter(s)})
+	c.AddObj(&nftables.CounterObj{Table: t, Name: natRepCounter(s)})
+	return nil
+}
+
+// hostChecks: addressed to this host at layer 2, not a fragment, TTL
+// left after the hop, no longer than mtu.
+func hostChecks(mtu uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyPKTTYPE, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.PACKET_HOST}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 6, Len: 2},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0x3f, 0xff}, Xor: []byte{0, 0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpGt, Register: 1, Data: []byte{1}},
+		&expr.Meta{Key: expr.MetaKeyLEN, Register: 1},
+		&expr.Byteorder{SourceRegister: 1, DestRegister: 1, Op: expr.ByteorderHton, Len: 4, Size: 4},
+		&expr.Cmp{Op: expr.CmpOpLte, Register: 1, Data: binaryutil.BigEndian.PutUint32(mtu)},
+	}
+}
+
+func ipv4UDP() []expr.Any {
+	return concat([]expr.Any{
+		&expr.Meta{Key: expr.MetaKeyPROTOCOL, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(unix.ETH_P_IP)},
+	}, isUDP())
+}
+
+const (
+	ipSaddr, ipDaddr = 12, 16
+	ipCsum           = 10
+	udpSport         = 0
+	udpDport         = 2
+	udpCsum          = 6
+)
+
+// writeAddr rewrites an IPv4 address from reg, fixing the IP header
+// checksum and the UDP checksum's pseudo-header (left alone when the
+// datagram has none, as ESP-in-UDP usually does).
+func writeAddr(reg, off uint32) *expr.Payload {
+	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseNetworkHeader,
+		Offset: off, Len: 4, CsumType: expr.CsumTypeInet, CsumOffset: ipCsum, CsumFlags: unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR}
+}
+
+// writePort rewrites a UDP port from reg, fixing the UDP checksum.
+func writePort(reg, off uint32) *expr.Payload {
+	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseTransportHeader,
+		Offset: off, Len: 2, CsumType: expr.CsumTypeInet, CsumOffset: udpCsum}
+}
+
+func load(reg uint32, base expr.PayloadBase, off, n uint32) *expr.Payload {
+	return &expr.Payload{DestRegister: reg, Base: base, Offset: off, Len: n}
+}
+
+func lookup(src, dst uint32, set string) *expr.Lookup {
+	return &expr.Lookup{SourceRegister: src, DestRegister: dst, IsDestRegSet: true, SetName: set}
+}
+
+// loads puts the payload fields in consecutive 32-bit registers from
+// register 1, as the nft CLI does for a concatenation.
+func loads(fields ...[3]uint32) []expr.Any {
+	var out []expr.Any
+	for i, f := range fields {
+		reg := uint32(1)
+		if i > 0 {
+			reg = reg32First + uint32(i)
+		}
+		out = append(out, load(reg, expr.PayloadBase(f[0]), f[1], f[2]))
+	}
+	return out
+}
+
+// reg32First is NFT_REG32_00, the 32-bit register that register 1 starts at.
+const reg32First = 8
+
+var (
+	fSaddr = [3]uint32{uint32(expr.PayloadBaseNetworkHeader), ipSaddr, 4}
+	fDaddr = [3]uint32{uint32(expr.PayloadBaseNetworkHeader), ipDaddr, 4}
+	fSport = [3]uint32{uint32(expr.PayloadBaseTransportHeader), udpSport, 2}
+	fDport = [3]uint32{uint32(expr.PayloadBaseTransportHeader), udpDport, 2}
+)
+
+// setFrom: field set (the concatenation of from) map @set.
+func setFrom(set string, write *expr.Payload, from ...[3]uint32) []expr.Any {
+	return append(loads(from...), lookup(1, 1, set), write)
+}
+
+// fwdByDaddr: the loads and lookups of "fwd ip to ip daddr map @nhop
+// device ip daddr map @odev" (registers 1 and 2 for fwdRule).
+func fwdByDaddr(nhop, odev string) []expr.Any {
+	return []expr.Any{
+		load(1, expr.PayloadBaseNetworkHeader, ipDaddr, 4),
+		lookup(1, 1, odev),
+		load(2, expr.PayloadBaseNetworkHeader, ipDaddr, 4),
+		lookup(2, 2, nhop),
+	}
+}
+
+// natRequestRule is s's request rule in one interface's chain.
+func natRequestRule(t *nftables.Table, chain string, s *fastService, mtu uint32) (mnl.Message, error) {
+	nb, np, ns, _, _ := natMaps(t, s)
+	exprs := concat(ipv4UDP(), []expr.Any{
+		load(1, expr.PayloadBaseNetworkHeader, ipDaddr, 4),
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
+		load(1, expr.PayloadBaseTransportHeader, udpDport, 2),
+		&expr.Lookup{SourceRegister: 1, SetName: portsSet(t, s).Name},
+	}, hostChecks(mtu),
+		setFrom(nb.Name, writeAddr(1, ipDaddr), fSaddr, fSport, fDport), // bumps the flow's counter
+		setFrom(np.Name, writePort(1, udpSport), fSaddr, fSport, fDport),
+		setFrom(ns.Name, writeAddr(1, ipSaddr), fDaddr),
+		[]expr.Any{&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natInCounter(s)}},
+		fwdByDaddr("nhop", "odev"),
+	)
+	return fwdRule(t, chain, exprs, 1, 2)
+}
+
+// natReplyRule is s's reply rule in one interface's chain.
+func natReplyRule(t *nftables.Table, chain string, s *fastService, mtu uint32) (mnl.Message, error) {
+	_, _, _, rc, rp := natMaps(t, s)
+	exprs := concat(ipv4UDP(), []expr.Any{
+		load(1, expr.PayloadBaseTransportHeader, udpSport, 2),
+		&expr.Lookup{SourceRegister: 1, SetName: portsSet(t, s).Name},
+	}, hostChecks(mtu),
+		setFrom(rc.Name, writeAddr(1, ipDaddr), fSaddr, fSport, fDaddr, fDport), // bumps the flow's counter
+		setFrom(rp.Name, writePort(1, udpDport), fSaddr, fSport, fDaddr, fDport),
+		[]expr.Any{
+			&expr.Immediate{Register: 1, Data: s.vip.AsSlice()},
+			writeAddr(1, ipSaddr),
+			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natRepCounter(s)},
+		},
+		fwdByDaddr("cnhop", "codev"),
+	)
+	return fwdRule(t, chain, exprs, 1, 2)
+}
+
+// natRCKey: backend address . port . upstream address . port.
+func natRCKey(kf dataplane.KernelFlow) []byte {
+	return natReplyKey(kf.Backend, kf.Upstream.Addr(), kf.Upstream.Port())
+}
+
+// natRPKey: backend address . port . client address . upstream port (rc_ID
+// has written the client's address when rp_ID is looked up).
+func natRPKey(kf dataplane.KernelFlow) []byte {
+	return natReplyKey(kf.Backend, kf.Client.Addr(), kf.Upstream.Port())
+}
+
+func natReplyKey(backend netip.AddrPort, a netip.Addr, port uint16) []byte {
+	b, u := backend.Addr().Unmap().As4(), a.Unmap().As4()
+	k := append(b[:], concatPort(backend.Port())...)
+	k = append(k, u[:]...)
+	return append(k, concatPort(port)...)
+}
+
+// natElems are a service's flow map elements to add or delete (keys only
+// for a delete).
+type natElems struct {
+	nb, np, ns, rc, rp []nftables.SetElement
+}
+
+func (e *natElems) add(op natFlowOp) {
+	kf := op.kf
+	k, rk, pk := natKey(kf.Client, kf.Local.Port()), natRCKey(kf), natRPKey(kf)
+	b := kf.Backend.Addr().Unmap().AsSlice()
+	if !op.add {
+		e.nb = append(e.nb, nftables.SetElement{Key: k})
+		e.np = append(e.np, nftables.SetElement{Key: k})
+		e.rc = append(e.rc, nftables.SetElement{Key: rk})
+		e.rp = append(e.rp, nftables.SetElement{Key: pk})
+		if op.src {
+			e.ns = append(e.ns, nftables.SetElement{Key: b})
+		}
+		return
+	}
+	e.nb = append(e.nb, nftables.SetElement{Key: k, Val: b})
+	e.np = append(e.np, nftables.SetElement{Key: k, Val: port16(kf.Upstream.Port())})
+	e.rc = append(e.rc, nftables.SetElement{Key: rk, Val: kf.Client.Addr().Unmap().AsSlice()})
+	e.rp = append(e.rp, nftables.SetElement{Key: pk, Val: port16(kf.Client.Port())})
+	if op.src {
+		e.ns = append(e.ns, nftables.SetElement{Key: b, Val: kf.Upstream.Addr().Unmap().AsSlice()})
+	}
+}
+
+// updateFlows applies stateless flow and client next-hop changes in one
+// transaction per txElems: deletes, then adds.
+func (k *nftFast) updateFlows(flows []natFlowOp, routes []clientRouteOp) error {
+	if !k.plan.active() {
+		return nil
+	}
+	for len(flows) > 0 || len(routes) > 0 {
+		nf := min(len(flows), txElems/5)
+		nr := min(len(routes), max(0, txElems-5*nf)/2)
+		if err := k.updateFlowsTx(flows[:nf], routes[:nr]); err != nil {
+			return err
+		}
+		flows, routes = flows[nf:], routes[nr:]
+	}
+	return nil
+}
+
+func (k *nftFast) updateFlowsTx(flows []natFlowOp, routes []clientRouteOp) error {
+	c, err := nftables.New()
+	if err != nil {
+		return wrap("nftables", err)
+	}
+	t := k.netdevTable()
+	type svcElems struct {
+		s        *fastService
+		del, add natElems
+	}
+	bySvc := map[uint32]*svcElems{}
+	for _, op := range flows {
+		e := bySvc[op.svc.id]
+		if e == nil {
+			e = &svcElems{s: op.svc}
+			bySvc[op.svc.id] = e
+		}
+		if op.add {
+			e.add.add(op)
+		} else {
+			e.del.add(op)
+		}
+	}
+	var delNhop, delOdev, addNhop, addOdev []nftables.SetElement
+	for _, r := range routes {
+		if r.add {
+			n, o := routeElems(map[netip.Addr]ingressRoute{r.client: r.route})
+			addNhop, addOdev = append(addNhop, n...), append(addOdev, o...)
+		} else {
+			delNhop = append(delNhop, nftables.SetElement{Key: r.client.AsSlice()})
+			delOdev = append(delOdev, nftables.SetElement{Key: r.client.AsSlice()})
+		}
+	}
+	for _, e := range bySvc {
+		nb, np, ns, rc, rp := natMaps(t, e.s)
+		for _, m := range []struct {
+			set   *nftables.Set
+			elems []nftables.SetElement
+		}{{nb, e.del.nb}, {np, e.del.np}, {ns, e.del.ns}, {rc, e.del.rc}, {rp, e.del.rp}} {
+			if err := deleteElements(c, m.set, m.elems); err != nil {
+				return err
+			}
+		}
+	}
+	if err := deleteElements(c, cnhopMap(t), delNhop); err != nil {
+		return err
+	}
+	if err := deleteElements(c, codevMap(t), delOdev); err != nil {
+		return err
+	}
+	if err := addElements(c, cnhopMap(t), addNhop); err != nil {
+		return err
+	}
+	if err := addElements(c, codevMap(t), addOdev); err != nil {
+		return err
+	}
+	for _, e := range bySvc {
+		nb, np, ns, rc, rp := natMaps(t, e.s)
+		for _, m := range []struct {
+			set   *nftables.Set
+			elems []nftables.SetElement
+		}{{nb, e.add.nb}, {np, e.add.np}, {ns, e.add.ns}, {rc, e.add.rc}, {rp, e.add.rp}} {
+			if err := addElements(c, m.set, m.elems); err != nil {
+				return err
+			}
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return wrap("nft nat flow maps", err)
+	}
+	return nil
+}
+
+// flowCounts reads the packets the ingress stage matched to each of s's
+// flows: requests by (client, VIP port), replies by upstream address.
+func (k *nftFast) flowCounts(s *fastService) (map[natReqKey]uint64, map[netip.AddrPort]uint64, error) {
+	if !k.plan.active() || !k.natIngress[s.id] {
+		return nil, nil, nil
+	}
+	c, err := nftables.New()
+	if err != nil {
+		return nil, nil, wrap("nftables", err)
+	}
+	nb, _, _, rc, _ := natMaps(k.netdevTable(), s)
+	reqs, err := c.GetSetElements(nb)
+	if err != nil {
+		return nil, nil, wrap("nft map "+nb.Name, err)
+	}
+	reps, err := c.GetSetElements(rc)
+	if err != nil {
+		return nil, nil, wrap("nft map "+rc.Name, err)
+	}
+	req := make(map[natReqKey]uint64, len(reqs))
+	for _, e := range reqs {
+		if len(e.Key) < 12 || e.Counter == nil {
+			continue
+		}
+		a := netip.AddrFrom4([4]byte(e.Key[:4]))
+		req[natReqKey{client: netip.AddrPortFrom(a, uint16(e.Key[4])<<8|uint16(e.Key[5])), vport: uint16(e.Key[8])<<8 | uint16(e.Key[9])}] = e.Counter.Packets
+	}
+	rep := make(map[netip.AddrPort]uint64, len(reps))
+	for _, e := range reps {
+		if len(e.Key) < 16 || e.Counter == nil {
+			continue
+		}
+		a := netip.AddrFrom4([4]byte(e.Key[8:12]))
+		rep[netip.AddrPortFrom(a, uint16(e.Key[12])<<8|uint16(e.Key[13]))] += e.Counter.Packets
+	}
+	return req, rep, nil
+}
+
+// clientRoute is the next hop towards client through an interface the
+// ingress stage hooks (false: none; its replies stay with the IP stack).
+func (k *nftFast) clientRoute(client netip.Addr) (ingressRoute, bool) {
+	if !k.plan.active() || !client.Is4() {
+		return ingressRoute{}, false
+	}
+	rs, err := netlink.RouteGet(client.AsSlice())
+	if err != nil || len(rs) != 1 || rs[0].Type != unix.RTN_UNICAST {
+		return ingressRoute{}, false
+	}
+	r := rs[0]
+	hooked := false
+	for _, d := range k.plan.devs {
+		hooked = hooked || d.index == r.LinkIndex
+	}
+	if !hooked {
+		return ingressRoute{}, false
+	}
+	via := client
+	if gw, ok := netip.AddrFromSlice(r.Gw); ok && gw.Unmap().Is4() {
+		via = gw.Unmap()
+	}
+	return ingressRoute{via: via, index: r.LinkIndex}, true
+}
+
+// routed reports whether the installed ingress stage has a next hop for
+// backend.
+func (k *nftFast) routed(backend netip.Addr) bool {
+	_, ok := k.plan.routes[backend]
+	return ok && k.plan.active()
+}
+
+// ingressNAT returns the nat services whose flows the installed ingress
+// stage carries.
+func (k *nftFast) ingressNAT() map[uint32]bool {
+	if !k.plan.active() {
+		return nil
+	}
+	return k.natIngress
+}
