@@ -175,6 +175,11 @@ func flatten(rs [][]Result) []Result {
 // and stops tgt. A target that cannot start is marked unavailable in rs
 // (Reason) and is no error.
 func withTarget(ctx context.Context, env *Env, cfg ForwardingConfig, tgt Target, rs []Result, measure func(netip.AddrPort) error) error {
+	if n, err := flushConntrack(env); err != nil {
+		return fmt.Errorf("bench: before %s: %w", tgt.Name(), err)
+	} else if n > 0 {
+		env.TB.Logf("bench: before %s: flushed %d conntrack entries left by the previous target", tgt.Name(), n)
+	}
 	dst, err := tgt.Start(ctx, env)
 	if err != nil {
 		if !errors.Is(err, ErrUnavailable) {
@@ -586,3 +591,4 @@ func roundRatios[T any](a, b []T, v func(T) float64) []float64 {
 	}
 	return out
 }
+
