@@ -591,4 +591,3 @@ func roundRatios[T any](a, b []T, v func(T) float64) []float64 {
 	}
 	return out
 }
-

@@ -897,6 +897,7 @@ func (f *FastPath) poll(st *fastState) {
 			return
 		}
 	}
+	f.recheckRoutes(st)
 	f.readCounters(st.svcs)
 	now := f.cfg.Now()
 	nat := f.kernel.ingressNAT()

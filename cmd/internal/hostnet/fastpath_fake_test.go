@@ -34,11 +34,12 @@ type fakeKernel struct {
 	flowErr    error
 	flows      map[dataplane.KernelFlow]uint64 // → packets counted
 	routes     map[netip.Addr]ingressRoute
+	gateway    map[netip.Addr]netip.Addr // client → next hop (default: on-link)
 }
 
 func newFakeKernel() *fakeKernel {
 	return &fakeKernel{elems: map[dataplane.ClientKey]netip.Addr{},
-		flows: map[dataplane.KernelFlow]uint64{}, routes: map[netip.Addr]ingressRoute{}}
+		flows: map[dataplane.KernelFlow]uint64{}, routes: map[netip.Addr]ingressRoute{}, gateway: map[netip.Addr]netip.Addr{}}
 }
 
 func (k *fakeKernel) install(svcs map[uint32]*fastService, elems map[dataplane.ClientKey]netip.Addr) error {
@@ -111,6 +112,11 @@ func (k *fakeKernel) ingressNAT() map[uint32]bool {
 func (k *fakeKernel) routed(netip.Addr) bool { return true }
 
 func (k *fakeKernel) clientRoute(c netip.Addr) (ingressRoute, bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if gw, ok := k.gateway[c]; ok {
+		return ingressRoute{via: gw, index: 2}, !k.noRoute
+	}
 	return ingressRoute{via: c, index: 1}, !k.noRoute
 }
 
@@ -475,6 +481,15 @@ func TestFastPathNATFlows(t *testing.T) {
 	if _, elems, _ := k.snapshot(); len(elems) != 0 {
 		t.Fatalf("DNAT map %v, want empty: every client has its flow", elems)
 	}
+	// The client's next hop changes: a later poll looks it up again.
+	k.mu.Lock()
+	k.gateway[a("10.1.0.1")] = a("10.0.0.254")
+	k.mu.Unlock()
+	wait("the client's new next hop", func() bool {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		return k.routes[a("10.1.0.1")] == ingressRoute{via: a("10.0.0.254"), index: 2}
+	})
 	// A flow to another backend than the binding's stays out.
 	stale := kf
 	stale.Client, stale.Upstream = ap("10.1.0.2:4500"), ap("10.0.0.1:40002")

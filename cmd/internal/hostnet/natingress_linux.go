@@ -27,7 +27,7 @@ import (
 //	map rp_ID { backend . vport . client . port → client port }
 //	map cnhop { client → next hop }, map codev { client → ifindex }   (shared)
 //	chain in_DEV:
-//	  ip daddr VIP udp dport @ports_ID (host, not a fragment, TTL > 1, length ≤ MTU)
+//	  ip daddr VIP (host, not a fragment, TTL > 1, length ≤ MTU)
 //	     ip daddr set ip saddr . udp sport . udp dport map @nb_ID
 //	     udp sport set ip saddr . udp sport . udp dport map @np_ID
 //	     ip saddr set ip daddr map @ns_ID counter name nin_ID
@@ -217,11 +217,10 @@ func fwdByDaddr(nhop, odev string) []expr.Any {
 // natRequestRule is s's request rule in one interface's chain.
 func natRequestRule(t *nftables.Table, chain string, s *fastService, mtu uint32) (mnl.Message, error) {
 	nb, np, ns, _, _ := natMaps(t, s)
+	// No port set: the flow map's key holds the VIP port.
 	exprs := concat(ipv4UDP(), []expr.Any{
 		load(1, expr.PayloadBaseNetworkHeader, ipDaddr, 4),
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
-		load(1, expr.PayloadBaseTransportHeader, udpDport, 2),
-		&expr.Lookup{SourceRegister: 1, SetName: portsSet(t, s).Name},
 	}, hostChecks(mtu),
 		setFrom(nb.Name, writeAddr(1, ipDaddr), fSaddr, fSport, fDport), // bumps the flow's counter
 		setFrom(np.Name, writePort(1, udpSport), fSaddr, fSport, fDport),
