@@ -212,15 +212,15 @@ func (k *nftFast) ingressHooks(svcs map[uint32]*fastService, p ingressPlan) erro
 		for _, id := range sortedIDs(svcs) {
 			s := svcs[id]
 			if k.natIngress[id] {
-				req, err := natRequestRule(t, "in_"+d.name, s, p.mtu)
+				req, err := natRequestRules(t, "in_"+d.name, s, p.mtu)
 				if err != nil {
 					return err
 				}
-				reply, err := natReplyRule(t, "in_"+d.name, s, p.devMTU)
+				reply, err := natReplyRules(t, "in_"+d.name, s, p.devMTU)
 				if err != nil {
 					return err
 				}
-				rules = append(rules, req, reply)
+				rules = append(append(rules, req...), reply...)
 				continue
 			}
 			if !s.transparent {

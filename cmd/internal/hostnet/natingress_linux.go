@@ -27,12 +27,13 @@ import (
 //	map rp_ID { backend . vport . client . port → client port }
 //	map cnhop { client → next hop }, map codev { client → ifindex }   (shared)
 //	chain in_DEV:
-//	  ip daddr VIP (host, not a fragment, TTL > 1, length ≤ MTU)
+//	  ip daddr VIP (host, not a fragment, TTL > 1, length ≤ MTU; a rule each
+//	  for datagrams with and without a UDP checksum, see writePort)
 //	     ip daddr set ip saddr . udp sport . udp dport map @nb_ID
 //	     udp sport set ip saddr . udp sport . udp dport map @np_ID
 //	     ip saddr set ip daddr map @ns_ID counter name nin_ID
 //	     fwd ip to ip daddr map @nhop device ip daddr map @odev
-//	  udp sport @ports_ID (host, not a fragment, TTL > 1, length ≤ MTU)
+//	  udp sport @ports_ID (host, not a fragment, TTL > 1, length ≤ MTU; likewise two)
 //	     ip daddr set ip saddr . udp sport . ip daddr . udp dport map @rc_ID
 //	     udp dport set ip saddr . udp sport . ip daddr . udp dport map @rp_ID
 //	     ip saddr set VIP counter name nrep_ID
@@ -160,10 +161,31 @@ func writeAddr(reg, off uint32) *expr.Payload {
 		Offset: off, Len: 4, CsumType: expr.CsumTypeInet, CsumOffset: ipCsum, CsumFlags: unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR}
 }
 
-// writePort rewrites a UDP port from reg, fixing the UDP checksum.
-func writePort(reg, off uint32) *expr.Payload {
-	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseTransportHeader,
-		Offset: off, Len: 2, CsumType: expr.CsumTypeInet, CsumOffset: udpCsum}
+// writePort rewrites a UDP port from reg, fixing the UDP checksum; for a
+// datagram without one (zero, as ESP-in-UDP senders leave it) csum is
+// false: the kernel's checksum update for a transport-header write does
+// not spare a zero checksum (it would write a wrong non-zero one, which
+// the server's stack drops), while the address writes' pseudo-header
+// update does.
+func writePort(reg, off uint32, csum bool) *expr.Payload {
+	w := &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseTransportHeader,
+		Offset: off, Len: 2}
+	if csum {
+		w.CsumType, w.CsumOffset = expr.CsumTypeInet, udpCsum
+	}
+	return w
+}
+
+// udpChecksum: the datagram has a UDP checksum (has) or none (zero).
+func udpChecksum(has bool) []expr.Any {
+	op := expr.CmpOpEq
+	if has {
+		op = expr.CmpOpNeq
+	}
+	return []expr.Any{
+		load(1, expr.PayloadBaseTransportHeader, udpCsum, 2),
+		&expr.Cmp{Op: op, Register: 1, Data: []byte{0, 0}},
+	}
 }
 
 func load(reg uint32, base expr.PayloadBase, off, n uint32) *expr.Payload {
@@ -214,40 +236,58 @@ func fwdByDaddr(nhop, odev string) []expr.Any {
 	}
 }
 
-// natRequestRule is s's request rule in one interface's chain.
-func natRequestRule(t *nftables.Table, chain string, s *fastService, mtu uint32) (mnl.Message, error) {
+// natRequestRules are s's request rules in one interface's chain: one
+// for datagrams with a UDP checksum, one for those without.
+func natRequestRules(t *nftables.Table, chain string, s *fastService, mtu uint32) ([]mnl.Message, error) {
 	nb, np, ns, _, _ := natMaps(t, s)
-	// No port set: the flow map's key holds the VIP port.
-	exprs := concat(ipv4UDP(), []expr.Any{
-		load(1, expr.PayloadBaseNetworkHeader, ipDaddr, 4),
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
-	}, hostChecks(mtu),
-		setFrom(nb.Name, writeAddr(1, ipDaddr), fSaddr, fSport, fDport), // bumps the flow's counter
-		setFrom(np.Name, writePort(1, udpSport), fSaddr, fSport, fDport),
-		setFrom(ns.Name, writeAddr(1, ipSaddr), fDaddr),
-		[]expr.Any{&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natInCounter(s)}},
-		fwdByDaddr("nhop", "odev"),
-	)
-	return fwdRule(t, chain, exprs, 1, 2)
+	var out []mnl.Message
+	for _, csum := range []bool{true, false} {
+		// No port set: the flow map's key holds the VIP port.
+		exprs := concat(ipv4UDP(), []expr.Any{
+			load(1, expr.PayloadBaseNetworkHeader, ipDaddr, 4),
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
+		}, hostChecks(mtu), udpChecksum(csum),
+			setFrom(nb.Name, writeAddr(1, ipDaddr), fSaddr, fSport, fDport), // bumps the flow's counter
+			setFrom(np.Name, writePort(1, udpSport, csum), fSaddr, fSport, fDport),
+			setFrom(ns.Name, writeAddr(1, ipSaddr), fDaddr),
+			[]expr.Any{&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natInCounter(s)}},
+			fwdByDaddr("nhop", "odev"),
+		)
+		m, err := fwdRule(t, chain, exprs, 1, 2)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
 }
 
-// natReplyRule is s's reply rule in one interface's chain.
-func natReplyRule(t *nftables.Table, chain string, s *fastService, mtu uint32) (mnl.Message, error) {
+// natReplyRules are s's reply rules in one interface's chain, with and
+// without a UDP checksum.
+func natReplyRules(t *nftables.Table, chain string, s *fastService, mtu uint32) ([]mnl.Message, error) {
 	_, _, _, rc, rp := natMaps(t, s)
-	exprs := concat(ipv4UDP(), []expr.Any{
-		load(1, expr.PayloadBaseTransportHeader, udpSport, 2),
-		&expr.Lookup{SourceRegister: 1, SetName: portsSet(t, s).Name},
-	}, hostChecks(mtu),
-		setFrom(rc.Name, writeAddr(1, ipDaddr), fSaddr, fSport, fDaddr, fDport), // bumps the flow's counter
-		setFrom(rp.Name, writePort(1, udpDport), fSaddr, fSport, fDaddr, fDport),
-		[]expr.Any{
-			&expr.Immediate{Register: 1, Data: s.vip.AsSlice()},
-			writeAddr(1, ipSaddr),
-			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natRepCounter(s)},
-		},
-		fwdByDaddr("cnhop", "codev"),
-	)
-	return fwdRule(t, chain, exprs, 1, 2)
+	var out []mnl.Message
+	for _, csum := range []bool{true, false} {
+		exprs := concat(ipv4UDP(), []expr.Any{
+			load(1, expr.PayloadBaseTransportHeader, udpSport, 2),
+			&expr.Lookup{SourceRegister: 1, SetName: portsSet(t, s).Name},
+		}, hostChecks(mtu), udpChecksum(csum),
+			setFrom(rc.Name, writeAddr(1, ipDaddr), fSaddr, fSport, fDaddr, fDport), // bumps the flow's counter
+			setFrom(rp.Name, writePort(1, udpDport, csum), fSaddr, fSport, fDaddr, fDport),
+			[]expr.Any{
+				&expr.Immediate{Register: 1, Data: s.vip.AsSlice()},
+				writeAddr(1, ipSaddr),
+				&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natRepCounter(s)},
+			},
+			fwdByDaddr("cnhop", "codev"),
+		)
+		m, err := fwdRule(t, chain, exprs, 1, 2)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
 }
 
 // natRCKey: backend address . port . upstream address . port.

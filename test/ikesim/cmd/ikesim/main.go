@@ -3,25 +3,32 @@
 //
 //	ikesim responder --name vpn-a --ike 10.1.0.21:500 --natt 10.1.0.21:4500
 //	ikesim sessions --vip 10.0.0.100 --clients 200 --source-base 203.0.113.10 --duration 20s
+//	ikesim esp --from 198.51.100.2:4600 --to 10.0.0.100:4500 --count 200 --interval 20ms --no-checksum
 //
 // responder serves until SIGTERM/SIGINT and then prints its counters as
 // JSON. sessions connects every client (IKE_SA_INIT on the IKE port, then
 // IKE_AUTH from a new source port on the NAT-T port), keeps each one alive
 // with DPD checks, ESP and keepalives for --duration, and prints one JSON
 // object per client: where it landed, which servers answered and its
-// longest gap without an answer.
+// longest gap without an answer. esp sends ESP-in-UDP datagrams (SPI
+// 0xdeadbeef, a sequence number) from one address, with no UDP checksum
+// when asked, as the kernels' ESP-in-UDP encapsulation leaves it.
 package main
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ikelb/ikelb/test/ikesim"
 )
@@ -37,6 +44,8 @@ func main() {
 		err = responder(os.Args[2:])
 	case "sessions":
 		err = sessions(os.Args[2:])
+	case "esp":
+		err = esp(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -137,5 +146,55 @@ func sessions(args []string) error {
 			return err
 		}
 	}
+	return nil
+}
+
+// espSPI marks esp's datagrams (tests filter on it).
+const espSPI = 0xdeadbeef
+
+func esp(args []string) error {
+	fs := flag.NewFlagSet("esp", flag.ExitOnError)
+	from := fs.String("from", "", "source address:port")
+	to := fs.String("to", "", "destination address:port")
+	count := fs.Int("count", 100, "datagrams to send")
+	interval := fs.Duration("interval", 20*time.Millisecond, "time between datagrams")
+	noCheck := fs.Bool("no-checksum", false, "send without a UDP checksum (SO_NO_CHECK)")
+	fs.Parse(args)
+	src, err := netip.ParseAddrPort(*from)
+	if err != nil {
+		return fmt.Errorf("--from: %w", err)
+	}
+	dst, err := netip.ParseAddrPort(*to)
+	if err != nil {
+		return fmt.Errorf("--to: %w", err)
+	}
+	c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(src))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if *noCheck {
+		rc, err := c.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var serr error
+		if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_NO_CHECK, 1) }); err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("SO_NO_CHECK: %w", serr)
+		}
+	}
+	b := make([]byte, 64)
+	binary.BigEndian.PutUint32(b, espSPI)
+	for i := range *count {
+		binary.BigEndian.PutUint32(b[4:], uint32(i+1))
+		if _, err := c.WriteToUDPAddrPort(b, dst); err != nil {
+			return err
+		}
+		time.Sleep(*interval)
+	}
+	fmt.Printf("sent %d\n", *count)
 	return nil
 }
