@@ -320,16 +320,20 @@ func firstLines(s string, n int) string {
 	return strings.Join(lines, " | ")
 }
 
-// StatelessNAT is not something an operator runs: it is the ceiling of a
-// kernel path ikelb's nat mode does not have yet, measured on this
-// machine. Established clients NATed statelessly at netdev ingress, the
-// way transparent mode forwards requests: static maps (client address and
-// port → backend, and → a SNAT port of its own; SNAT port → client) rewrite
-// both directions and hand each datagram to its next hop with `fwd`,
-// without routing, the netfilter IP hooks or conntrack. ikelb would fill
-// such maps from its userspace flows, whose sockets hold the SNAT ports.
-// Opt-in (-targets=nftables-stateless); Clients and Probes must be the
-// run's.
+// StatelessNAT is not something an operator runs: it is the ceiling of
+// the kernel path ikelb's nat mode has in its ingress stage
+// (cmd/internal/hostnet/natingress_linux.go), measured on this machine.
+// Established clients NATed statelessly at netdev ingress, the way
+// transparent mode forwards requests: static maps (client address and
+// port → backend, and → a SNAT port of its own; SNAT port → client)
+// rewrite both directions and hand each datagram to its next hop with
+// `fwd`, without routing, the netfilter IP hooks or conntrack. ikelb fills
+// such maps from its userspace flows, whose sockets hold the SNAT ports,
+// and does more per datagram (per-flow counters, host and MTU checks, the
+// backend's next hop from a map). Unlike ikelb's rules, these rewrite a
+// zero UDP checksum into a wrong one: the load generator's datagrams carry
+// one. Opt-in (-targets=nftables-stateless); Clients and Probes must be
+// the run's.
 type StatelessNAT struct{ Clients, Probes int }
 
 func (StatelessNAT) Name() string { return "stateless nat (ceiling)" }
