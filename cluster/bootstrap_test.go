@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
@@ -125,22 +126,23 @@ func TestConfigValidateBootstrap(t *testing.T) {
 // port could be taken in between, and the node's start then fails loudly.
 func freeGossipAddr(t *testing.T) string {
 	t.Helper()
-	for range 20 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	for range 100 {
+		// Below the kernel's ephemeral range (32768 and up by default):
+		// a port it handed out (127.0.0.1:0) and that was closed again
+		// could be handed to any other process's socket before the node
+		// binds it (CI: "bind: address already in use" while other
+		// packages' tests ran), and once to two nodes of the same test.
+		addr := fmt.Sprintf("127.0.0.1:%d", 20000+rand.IntN(12000))
+		l, err := net.Listen("tcp", addr)
 		if err != nil {
-			t.Fatal(err)
+			continue
 		}
-		addr := l.Addr().String()
 		u, err := net.ListenPacket("udp", addr)
 		l.Close()
 		if err != nil {
 			continue
 		}
 		u.Close()
-		// The port is free again once closed, and the kernel hands it
-		// out again: addresses are taken before the nodes start, and
-		// two nodes once got the same one (CI: "bind: address already
-		// in use" for n3 on n1's gossip port).
 		if _, dup := gossipAddrsGiven.LoadOrStore(addr, true); dup {
 			continue
 		}
