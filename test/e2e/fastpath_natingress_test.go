@@ -39,15 +39,16 @@ func TestFastPathNATIngress(t *testing.T) {
 	Eventually(t, 10*time.Second, func() bool {
 		out, err := lb.Run("nft", "list", "table", "netdev", "ikelb_fast")
 		last = out
-		return err == nil && strings.Contains(out, "@nb_1") && strings.Contains(out, "@rc_1")
+		return err == nil && strings.Contains(out, "@np_1") && strings.Contains(out, "@na_1") && strings.Contains(out, "@ra_1") && strings.Contains(out, "@rp_1")
 	}, func() string { return "no ingress stage for the nat service: " + last })
 	userspace := func() uint64 { return nftCounter(t, lb, "chain", "ip", "userspace", "input") }
 	requests := func() uint64 { return nftCounter(t, lb, "counter", "netdev", "ikelb_fast", "nin_1") }
 	replies := func() uint64 { return nftCounter(t, lb, "counter", "netdev", "ikelb_fast", "nrep_1") }
+	// A flow's address element: client . port . VIP port : socket address . backend.
 	flows := func(backend string) int {
-		out, _ := lb.Run("nft", "list", "map", "netdev", "ikelb_fast", "nb_1")
+		out, _ := lb.Run("nft", "list", "map", "netdev", "ikelb_fast", "na_1")
 		last = out
-		return strings.Count(out, ": "+backend)
+		return len(regexp.MustCompile(`: 10\.0\.0\.1 \. ` + regexp.QuoteMeta(backend) + `\b`).FindAllString(out, -1))
 	}
 
 	// 20 clients, each with its own address, for 14 s (a datagram every
@@ -187,7 +188,7 @@ func TestFastPathNATIngress(t *testing.T) {
 
 	// Idle flows close in the engine after the flow timeout (16 s, the
 	// persistence timeout) past the kernel's last count, and leave the maps.
-	Eventually(t, 40*time.Second, func() bool { return flows("10.0.0.1") == 0 },
+	Eventually(t, 40*time.Second, func() bool { return flows("10.0.0.11")+flows("10.0.0.12") == 0 },
 		func() string { return "idle flows still in the maps: " + last })
 
 	// A clean stop removes the fast path's tables.

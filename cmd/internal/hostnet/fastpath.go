@@ -196,9 +196,6 @@ type natFlowOp struct {
 	svc *fastService
 	kf  dataplane.KernelFlow
 	add bool
-	// src: the op also adds (deletes) the upstream address towards the
-	// flow's backend: the first (last) flow of the service to it.
-	src bool
 }
 
 // clientRouteOp is a client's next hop entering (add) or leaving the

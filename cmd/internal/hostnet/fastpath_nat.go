@@ -174,19 +174,11 @@ type natFlows struct {
 	// recheck: the client addresses whose next hops the coming polls look
 	// up again (recheckPerPoll at a time), refilled from routes when empty.
 	recheck []netip.Addr
-	// srcs: per service and backend, the upstream address its flows
-	// leave from (one per backend in the kernel's ns map).
-	srcs    map[uint32]map[netip.Addr]*srcRef
 	packets map[dataplane.KernelFlow]uint64 // at the last count
 	// broken: an update failed, the maps' content is unknown; the next
 	// poll rebuilds.
 	broken bool
 	err    string // the last update error logged
-}
-
-type srcRef struct {
-	addr netip.Addr
-	refs int
 }
 
 type clientHop struct {
@@ -198,7 +190,6 @@ func newNATFlows() natFlows {
 	return natFlows{
 		mirror: map[dataplane.KernelFlow]struct{}{}, byReq: map[natReqKey]dataplane.KernelFlow{},
 		byReply: map[[2]netip.AddrPort]dataplane.KernelFlow{}, routes: map[netip.Addr]*clientHop{},
-		srcs:    map[uint32]map[netip.Addr]*srcRef{},
 		packets: map[dataplane.KernelFlow]uint64{},
 	}
 }
@@ -229,16 +220,8 @@ func (f *FastPath) flushFlows(st *fastState) {
 		delete(nf.byReq, reqKey(kf))
 		delete(nf.byReply, replyKey(kf))
 		delete(nf.packets, kf)
-		last := false
-		b := kf.Backend.Addr()
-		if r := nf.srcs[kf.Service][b]; r != nil {
-			if r.refs--; r.refs == 0 {
-				delete(nf.srcs[kf.Service], b)
-				last = true
-			}
-		}
 		if s := st.svcs[kf.Service]; s != nil {
-			ops = append(ops, natFlowOp{svc: s, kf: kf, src: last})
+			ops = append(ops, natFlowOp{svc: s, kf: kf})
 		}
 		c := kf.Client.Addr()
 		if h := nf.routes[c]; h != nil {
@@ -262,12 +245,9 @@ func (f *FastPath) flushFlows(st *fastState) {
 			remove(kf)
 			continue
 		}
-		// Towards a backend without a next hop at ingress, or from
-		// another address than the backend's other flows (a route
-		// changed between their sockets): left to the engine.
-		b := kf.Backend.Addr()
-		src := nf.srcs[kf.Service][b]
-		if !f.kernel.routed(b) || (src != nil && src.addr != kf.Upstream.Addr()) {
+		// Towards a backend without a next hop at ingress: left to the
+		// engine.
+		if !f.kernel.routed(kf.Backend.Addr()) {
 			continue
 		}
 		// Another flow with the same request or reply key (one released
@@ -290,18 +270,10 @@ func (f *FastPath) flushFlows(st *fastState) {
 			routes = append(routes, clientRouteOp{client: c, route: r, add: true})
 		}
 		h.refs++
-		if nf.srcs[kf.Service] == nil {
-			nf.srcs[kf.Service] = map[netip.Addr]*srcRef{}
-		}
-		if src = nf.srcs[kf.Service][b]; src == nil {
-			src = &srcRef{addr: kf.Upstream.Addr()}
-			nf.srcs[kf.Service][b] = src
-		}
-		src.refs++
 		nf.mirror[kf] = struct{}{}
 		nf.byReq[reqKey(kf)] = kf
 		nf.byReply[replyKey(kf)] = kf
-		ops = append(ops, natFlowOp{svc: st.svcs[kf.Service], kf: kf, add: true, src: src.refs == 1})
+		ops = append(ops, natFlowOp{svc: st.svcs[kf.Service], kf: kf, add: true})
 	}
 	if len(ops) == 0 && len(routes) == 0 {
 		return
