@@ -104,7 +104,7 @@ func (k *nftFast) readConntrack(maxAge time.Duration) error {
 	}
 	byVIP := map[netip.Addr][]*fastService{}
 	for _, id := range sortedIDs(k.svcs) {
-		if s := k.svcs[id]; !s.transparent {
+		if s := k.svcs[id]; !s.transparent && k.ctCarries(id) {
 			byVIP[s.vip] = append(byVIP[s.vip], s)
 		}
 	}

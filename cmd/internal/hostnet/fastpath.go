@@ -910,6 +910,15 @@ func (f *FastPath) poll(st *fastState) {
 		var err error
 		if nat[id] {
 			counts, err = f.countFlows(st, s, now)
+			if err == nil {
+				// And the clients the DNAT map carries (the engine's
+				// flow limit), if any: a change in either moves the sum.
+				ct, cerr := f.kernel.activity(s)
+				for c, n := range ct {
+					counts[c] += n
+				}
+				err = cerr
+			}
 		} else {
 			counts, err = f.kernel.activity(s)
 		}

@@ -389,7 +389,7 @@ func (f *FastPath) Release(kf dataplane.KernelFlow) { f.held.release(kf) }
 // recheckPerPoll bounds the client next hops each poll looks up again: a
 // route change towards clients reaches 10,000 of them in 40 s at the
 // default poll, without a burst of lookups on the forwarding core.
-const recheckPerPoll = 256
+const recheckPerPoll = 32
 
 // recheckRoutes looks up again the next hops of the next recheckPerPoll
 // client addresses and replaces those that changed; a client without one
