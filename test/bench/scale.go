@@ -358,7 +358,7 @@ func RunScaleForwarding(ctx context.Context, env *Env, cfg ScaleForwardingConfig
 			// A fresh instance per count: Ikelb keeps its process.
 			t := tgt
 			if k, ok := tgt.(*Ikelb); ok {
-				t = &Ikelb{Mode: k.Mode, Binary: k.Binary}
+				t = &Ikelb{Mode: k.Mode, Binary: k.Binary, NATFastPath: k.NATFastPath}
 			}
 			dst, err := t.Start(ctx, env)
 			if err != nil {

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -191,6 +192,8 @@ type Ikelb struct {
 	Mode string
 	// Binary returns the path of a built ikelbd (see BuildIkelbd).
 	Binary func() (string, error)
+	// NATFastPath is ikelbd's dataplane.nat_fast_path ("": its default).
+	NATFastPath string
 	// OffBalancerCPU runs ikelbd on the generator's CPU instead of the
 	// balancer's: the kernel fast path then has the balancer's core to
 	// itself, as a kernel balancer (no daemon) does.
@@ -221,6 +224,9 @@ metrics_address: %s
 log_level: info
 raft:
   bind_address: 127.0.0.1:7452
+dataplane:
+  kernel_fast_path: true
+  nat_fast_path: %s
 services:
   - name: bench
     vip: %s
@@ -228,7 +234,7 @@ services:
     forwarding_mode: %s
     health_check: {type: none}
     backends:
-`, k.Mode, filepath.Join(dir, "data"), ikelbMetricsAddr, VIP, k.Mode)
+`, k.Mode, filepath.Join(dir, "data"), ikelbMetricsAddr, cmp.Or(k.NATFastPath, "conntrack"), VIP, k.Mode)
 	for _, a := range env.BackendAddrs {
 		fmt.Fprintf(&b, "      - address: %s\n", a)
 	}

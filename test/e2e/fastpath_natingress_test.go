@@ -48,7 +48,7 @@ func TestFastPathNATIngress(t *testing.T) {
 	flows := func(backend string) int {
 		out, _ := lb.Run("nft", "list", "map", "netdev", "ikelb_fast", "na_1")
 		last = out
-		return len(regexp.MustCompile(`: 10\.0\.0\.1 \. ` + regexp.QuoteMeta(backend) + `\b`).FindAllString(out, -1))
+		return len(regexp.MustCompile(`: 10\.0\.0\.1 \. `+regexp.QuoteMeta(backend)+`\b`).FindAllString(out, -1))
 	}
 
 	// 20 clients, each with its own address, for 14 s (a datagram every
