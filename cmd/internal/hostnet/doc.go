@@ -49,7 +49,7 @@
 // path turns on (net.netfilter.nf_conntrack_acct=1): at most every 5 s
 // for the counters, every second when touches are due.
 //
-// or, by default for IPv4 nat services where the ingress stage below is
+// or, unless FastPathConfig.ConntrackNAT, for IPv4 nat services where the ingress stage below is
 // active, a stateless NAT of each flow the engine hands over, at netdev
 // ingress both ways with the flow socket's own address and port
 // (natingress_linux.go); their aff_ID then holds only the clients the
