@@ -159,16 +159,10 @@ const (
 	udpCsum          = 6
 )
 
-// writeAddr rewrites an IPv4 address from reg, fixing the IP header
-// checksum and the UDP checksum's pseudo-header (left alone when the
-// datagram has none, as ESP-in-UDP usually does).
-func writeAddr(reg, off uint32) *expr.Payload {
-	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseNetworkHeader,
-		Offset: off, Len: 4, CsumType: expr.CsumTypeInet, CsumOffset: ipCsum, CsumFlags: unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR}
-}
-
 // writeAddrs rewrites both IPv4 addresses (source, then destination:
-// nh + 12, 8 bytes) from reg, with the same checksum fixes as writeAddr.
+// nh + 12, 8 bytes) from reg, fixing the IP header checksum and the UDP
+// checksum's pseudo-header (left alone when the datagram has none, as
+// ESP-in-UDP usually does).
 // The nft CLI lists it as "@nh,96,64 set …".
 func writeAddrs(reg uint32) *expr.Payload {
 	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseNetworkHeader,
