@@ -250,10 +250,9 @@ func fwdByDaddr(nhop, odev string) []expr.Any {
 // (keyed by the port just written, the flow's own).
 func natRequestRules(t *nftables.Table, chain string, s *fastService, mtu uint32) ([]mnl.Message, error) {
 	np, na, _, _ := natMaps(t, s)
-	var out []mnl.Message
-	for _, csum := range []bool{true, false} {
+	return checksumRules(t, chain, func(csum bool) []expr.Any {
 		// No port set: the flow map's key holds the VIP port.
-		exprs := concat(ipv4UDP(), []expr.Any{
+		return concat(ipv4UDP(), []expr.Any{
 			load(1, expr.PayloadBaseNetworkHeader, ipDaddr, 4),
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
 		}, hostChecks(mtu), udpChecksum(csum),
@@ -262,13 +261,7 @@ func natRequestRules(t *nftables.Table, chain string, s *fastService, mtu uint32
 			[]expr.Any{&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natInCounter(s)}},
 			fwdByDaddr("nhop", "odev"),
 		)
-		m, err := fwdRule(t, chain, exprs, 1, 2)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, m)
-	}
-	return out, nil
+	})
 }
 
 // natReplyRules are s's reply rules in one interface's chain, with and
@@ -277,9 +270,8 @@ func natRequestRules(t *nftables.Table, chain string, s *fastService, mtu uint32
 // written and the socket's port).
 func natReplyRules(t *nftables.Table, chain string, s *fastService, mtu uint32) ([]mnl.Message, error) {
 	_, _, ra, rp := natMaps(t, s)
-	var out []mnl.Message
-	for _, csum := range []bool{true, false} {
-		exprs := concat(ipv4UDP(), []expr.Any{
+	return checksumRules(t, chain, func(csum bool) []expr.Any {
+		return concat(ipv4UDP(), []expr.Any{
 			load(1, expr.PayloadBaseTransportHeader, udpSport, 2),
 			&expr.Lookup{SourceRegister: 1, SetName: portsSet(t, s).Name},
 		}, hostChecks(mtu), udpChecksum(csum),
@@ -288,7 +280,15 @@ func natReplyRules(t *nftables.Table, chain string, s *fastService, mtu uint32) 
 			[]expr.Any{&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natRepCounter(s)}},
 			fwdByDaddr("cnhop", "codev"),
 		)
-		m, err := fwdRule(t, chain, exprs, 1, 2)
+	})
+}
+
+// checksumRules are the fwd rules build makes for datagrams with a UDP
+// checksum and for those without (see writePort), in that order.
+func checksumRules(t *nftables.Table, chain string, build func(csum bool) []expr.Any) ([]mnl.Message, error) {
+	var out []mnl.Message
+	for _, csum := range []bool{true, false} {
+		m, err := fwdRule(t, chain, build(csum), 1, 2)
 		if err != nil {
 			return nil, err
 		}
