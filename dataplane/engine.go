@@ -332,8 +332,11 @@ type KernelPath interface {
 	// Forwards reports whether the kernel forwards k's datagrams now.
 	Forwards(k ClientKey) bool
 	// Handover is told the nat flows that still get datagrams although
-	// the kernel forwards their client (Upstream and Backend are zero
-	// for a datagram the flow limit dropped: there is no flow).
+	// the kernel forwards their client (once more at the listener's
+	// first sweep after the kernel forwards it), and every datagram the
+	// flow limit dropped, whether or not the kernel forwards its client
+	// yet (Upstream and Backend are zero: there is no flow; a kernel path
+	// may take such a client whole, once its binding commits).
 	//
 	// It returns true when the kernel carries the flow itself, with the
 	// flow's own addresses (stateless NAT at ingress): the engine then

@@ -776,3 +776,49 @@ func TestEngineMaxFlowsUnderFileLimit(t *testing.T) {
 		t.Fatalf("MaxFlows %d with an open-file limit of %d, want %d", e.cfg.MaxFlows, nofile, flowRoom(nofile))
 	}
 }
+
+// TestEngineSweepAsksHandover: a flow whose client the kernel starts
+// forwarding is handed over by the next sweep, without a datagram of its
+// own (on a saturated core the listener may not read one for seconds),
+// and once only.
+func TestEngineSweepAsksHandover(t *testing.T) {
+	for _, carry := range []bool{true, false} {
+		t.Run(fmt.Sprintf("carry=%v", carry), func(t *testing.T) {
+			h := newHarness(t, "127.0.0.1", "127.0.0.2")
+			h.svc.Timeout = 2 * time.Second // longer than the test: only a handover closes the flow
+			h.apply()
+			c := h.client("127.0.0.10")
+			client := localAddr(c)
+			kp := &kernelClients{carry: carry, keys: map[ClientKey]bool{}}
+			h.e.SetKernelPath(kp)
+			h.sendRecv(c, 0, []byte{1})        // asks; the kernel does not forward the client yet
+			time.Sleep(100 * time.Millisecond) // sweeps every 20 ms
+			if got := kp.handedOver(); len(got) != 0 {
+				t.Fatalf("handovers %v before the kernel forwards the client", got)
+			}
+			kp.mu.Lock()
+			kp.keys[ClientKey{Service: h.svc.ID, Client: AddrFrom(client.Addr())}] = true
+			kp.mu.Unlock()
+			waitFor(t, "a sweep to hand the flow over", func() bool { return len(kp.handedOver()) == 1 })
+			if carry {
+				time.Sleep(100 * time.Millisecond) // more sweeps
+				for kf, n := range kp.handedOver() {
+					if n != 1 || kf.Upstream == (netip.AddrPort{}) {
+						t.Fatalf("handed over %v %d times, want once with its upstream", kf, n)
+					}
+				}
+				if h.e.Flows() != 1 {
+					t.Fatal("the flow the kernel carries closed")
+				}
+				return
+			}
+			// Through conntrack: the flow closes after HandoverIdle, asked once.
+			waitFor(t, "the flow to close", func() bool { return h.e.Flows() == 0 })
+			for kf, n := range kp.handedOver() {
+				if n != 1 {
+					t.Fatalf("handed over %v %d times, want once", kf, n)
+				}
+			}
+		})
+	}
+}

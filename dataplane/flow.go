@@ -29,8 +29,10 @@ type flow struct {
 
 	// owned by the listener goroutine
 	pacing pacing
-	// handoverAt: when the flow last asked the kernel path (coarse Unix ns).
+	// handoverAt: when the flow last asked the kernel path (coarse Unix ns);
+	// sweepAsked: a sweep asked it once its client was forwarded.
 	handoverAt int64
+	sweepAsked bool
 	// kernel is the kernel path that carries the flow with its own
 	// addresses (its Handover returned true), told by Release when the
 	// flow goes; nil while only userspace carries it. kf is the flow as

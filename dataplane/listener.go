@@ -207,7 +207,7 @@ const handoverEvery = 100 * time.Millisecond
 func (l *listener) handover(f *flow, sv *serviceView, fk flowKey, client netip.AddrPort, now int64) {
 	kp, ok := l.engine.kernel.Load()
 	if f == nil {
-		if ok && kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}) {
+		if ok { // whether or not its binding committed yet: see KernelPath.Handover
 			kp.Handover(KernelFlow{Service: sv.svc.ID, Client: client, Local: l.addr})
 		}
 		return
@@ -322,6 +322,14 @@ func (l *listener) sweep(now int64) {
 	handover := int64(l.engine.cfg.HandoverIdle)
 	kp, kernel := l.engine.kernel.Load()
 	for fk, f := range l.flows {
+		if f.kernel == nil && f.up != nil && !f.sweepAsked && kernel && kp.Forwards(ClientKey{Service: sv.svc.ID, Client: fk.addr}) {
+			// Asked once here, not only at its next datagram: on a core
+			// the traffic saturates, the listener reads a fraction of
+			// it, and a flow may wait many seconds for a datagram of
+			// its own to be read.
+			f.sweepAsked = true
+			l.handover(f, sv, fk, f.client, now)
+		}
 		idle := now - f.lastActive.Load()
 		if f.kernel != nil && idle > sv.flowIdle {
 			// Idle here; the kernel may still carry it.

@@ -24,7 +24,20 @@ var (
 	offered  = flag.Float64("rate", 0, "forwarding: offered datagrams/s of the rate runs (default 0: open loop); below every target's capacity, CPU ns/dgram compares per-packet cost")
 	offCPU   = flag.Bool("ikelbd-off-balancer-cpu", false, "forwarding: run ikelbd on the generator's CPU, not the balancer's (the kernel fast path then has the balancer's core to itself, as a kernel balancer does)")
 	count    = flag.String("count", CountKernel, "where load is counted at the backends: kernel (nft counter) or socket (recvmmsg sink)")
+	natPath  = flag.String("nat-fast-path", "", "forwarding and scale: ikelbd's dataplane.nat_fast_path for the ikelb nat target (ingress or conntrack; default: the suite's)")
 )
+
+// setNATFastPath applies -nat-fast-path to the ikelb nat targets in ts.
+func setNATFastPath(ts []Target) {
+	if *natPath == "" {
+		return
+	}
+	for _, t := range ts {
+		if k, ok := t.(*Ikelb); ok && k.Mode == "nat" {
+			k.NATFastPath = *natPath
+		}
+	}
+}
 
 func TestMain(m *testing.M) {
 	if code, ok := HelperMain(); ok {
@@ -52,6 +65,7 @@ func TestForwarding(t *testing.T) {
 	started := time.Now()
 	env := NewEnv(t, helper(t), 3, *count)
 	cfg := DefaultForwarding(BuildIkelbd(t.TempDir(), 5*time.Minute))
+	setNATFastPath(cfg.Targets)
 	if *targets != "" {
 		want := map[string]bool{}
 		for _, n := range strings.Split(*targets, ",") {

@@ -128,6 +128,7 @@ func TestScale(t *testing.T) {
 		env := NewEnv(t, helper(t), 3, CountKernel)
 		rep.Machine = ThisMachine(env)
 		fc := DefaultScaleForwarding(BuildIkelbd(t.TempDir(), 5*time.Minute))
+		setNATFastPath(fc.Targets)
 		if _, err := fc.Targets[1].(*Ikelb).Binary(); err != nil {
 			t.Logf("bench: ikelbd: %v", err)
 		}

@@ -255,7 +255,16 @@ services:
 	return dst, nil
 }
 
-func (k *Ikelb) Stop(*Env) error { return stopProc(k.proc) }
+// Stop stops ikelbd; with BENCH_KEEP_LOGS set to a directory, its log is
+// copied there first (the lab's directory goes with the test).
+func (k *Ikelb) Stop(*Env) error {
+	err := stopProc(k.proc)
+	if dir := os.Getenv("BENCH_KEEP_LOGS"); dir != "" && k.proc != nil {
+		name := fmt.Sprintf("ikelbd-%s-%d.log", k.Mode, time.Now().UnixNano())
+		_ = os.WriteFile(filepath.Join(dir, name), []byte(k.proc.Log()), 0o644)
+	}
+	return err
+}
 
 // readyOrExit waits until a probe to dst comes back, and fails with
 // ErrUnavailable (and the end of the process's log) if the process exits or

@@ -99,8 +99,11 @@ type fastService struct {
 	touchEvery time.Duration
 	// transparent: stateless rules (daddr rewrite for requests, saddr
 	// rewrite for replies) instead of DNAT/SNAT; replyFrom holds every
-	// backend of the VIP's family, whatever its state, whose replies the
-	// kernel re-addresses from the VIP (sorted).
+	// backend of the VIP's family, whatever its state (sorted): for
+	// transparent the replies the kernel re-addresses from the VIP, for
+	// an IPv4 nat service the ingress stage may carry the sources whose
+	// datagrams to the VIP stay tracked (replies of DNATed flows, whose
+	// SNAT address may be the VIP's).
 	transparent bool
 	replyFrom   []netip.Addr
 }
@@ -135,10 +138,11 @@ func fastEligible(s dataplane.Service) bool {
 	return false
 }
 
-// fastServices selects the services the fast path serves (fastEligible).
-// Why transparent mode is stateless: dataplane/DESIGN.md "Kernel fast
-// path".
-func fastServices(set []dataplane.Service) map[uint32]*fastService {
+// fastServices selects the services the fast path serves (fastEligible);
+// natIngress fills replyFrom for IPv4 nat services too (the ingress stage
+// may carry them). Why transparent mode is stateless: dataplane/DESIGN.md
+// "Kernel fast path".
+func fastServices(set []dataplane.Service, natIngress bool) map[uint32]*fastService {
 	out := map[uint32]*fastService{}
 	for _, s := range set {
 		if !fastEligible(s) {
@@ -165,7 +169,7 @@ func fastServices(set []dataplane.Service) map[uint32]*fastService {
 			if b.Usable() {
 				fs.backends[b.ID] = a
 			}
-			if fs.transparent {
+			if fs.transparent || (natIngress && fs.vip.Is4()) {
 				fs.replyFrom = append(fs.replyFrom, a)
 			}
 		}
@@ -497,6 +501,8 @@ type fastState struct {
 	handoverErr string
 	// nat: the handed-over nat flows in the kernel (fastpath_nat.go).
 	nat natFlows
+	// overflowSwept: when the overflow set was last expired (Unix ns).
+	overflowSwept int64
 }
 
 func (f *FastPath) run(ctx context.Context) {
@@ -586,8 +592,13 @@ func (f *FastPath) sweep(st *fastState) {
 	if !st.installed || !(f.sweepWanted.Swap(false) || asks >= sweepAfter) {
 		return
 	}
+	// The listeners of services the ingress stage carries have no
+	// conntrack entries (listenerUntracked).
+	nat := f.kernel.ingressNAT()
+	svcs := maps.Clone(st.svcs)
+	maps.DeleteFunc(svcs, func(id uint32, _ *fastService) bool { return nat[id] })
 	start := time.Now()
-	n, err := f.kernel.sweep(st.svcs, func(k dataplane.ClientKey) bool {
+	n, err := f.kernel.sweep(svcs, func(k dataplane.ClientKey) bool {
 		_, ok := f.mapEntry(st.svcs, k)
 		return ok
 	})
@@ -642,7 +653,7 @@ func (f *FastPath) Forwards(k dataplane.ClientKey) bool {
 // no flow for (Handover) are in it.
 func (f *FastPath) want(st *fastState, k dataplane.ClientKey) (netip.Addr, bool) {
 	a, ok := f.mapEntry(st.svcs, k)
-	if f.kernel.ingressNAT()[k.Service] && !f.held.inOverflow(k, !ok) {
+	if f.kernel.ingressNAT()[k.Service] && !f.held.inOverflow(k) {
 		return netip.Addr{}, false
 	}
 	return a, ok
@@ -740,7 +751,7 @@ func (f *FastPath) forget(ops []mapOp) {
 // applyServices reconciles the rules with a new service set and resyncs
 // the maps.
 func (f *FastPath) applyServices(st *fastState, set []dataplane.Service) {
-	next := fastServices(set)
+	next := fastServices(set, !f.cfg.ConntrackNAT)
 	for id, s := range next {
 		if !f.kernel.forwards(s.v6()) {
 			f.log.Warn("fast path off for a service: the kernel does not forward its family", "service_id", id, "vip", s.vip.String())
@@ -897,6 +908,13 @@ func (f *FastPath) poll(st *fastState) {
 	f.recheckRoutes(st)
 	f.readCounters(st.svcs)
 	now := f.cfg.Now()
+	if now-st.overflowSwept >= int64(overflowGrace) {
+		st.overflowSwept = now
+		f.held.expireOverflow(now-int64(overflowGrace), func(k dataplane.ClientKey) bool {
+			_, ok := f.table.Lookup(k)
+			return ok
+		})
+	}
 	nat := f.kernel.ingressNAT()
 	for id, s := range st.svcs {
 		if f.cfg.Proposer == nil && !nat[id] {

@@ -378,8 +378,12 @@ func TestFastPathHandover(t *testing.T) {
 	defer fp.Close()
 	ap := netip.MustParseAddrPort
 	vip := ap("10.0.100.1:4500")
+	// A datagram the flow limit dropped, of a client the kernel does
+	// not forward: it stays with the listener.
+	fp.Handover(dataplane.KernelFlow{Service: 7, Client: ap("10.2.0.1:4500"), Local: vip})
+	up, be := ap("10.0.0.1:40000"), ap("10.0.0.11:4500")
 	for i := range 2 * handoverQueue { // more than the queue holds: the rest are dropped, never waited for
-		fp.Handover(dataplane.KernelFlow{Service: 7, Client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), Local: vip})
+		fp.Handover(dataplane.KernelFlow{Service: 7, Client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), Local: vip, Upstream: up, Backend: be})
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -389,6 +393,9 @@ func TestFastPathHandover(t *testing.T) {
 			got[fl] = true
 		}
 		k.mu.Unlock()
+		if got[ctFlow{client: ap("10.2.0.1:4500"), local: vip}] {
+			t.Fatal("a dropped datagram's client that the kernel does not forward was handed over")
+		}
 		if got[ctFlow{client: ap("10.1.0.0:4500"), local: vip}] && len(got) >= handoverQueue/2 {
 			break
 		}
@@ -414,14 +421,15 @@ func TestFastPathSweepsWhenHandoversOverflow(t *testing.T) {
 		defer k.mu.Unlock()
 		return k.sweeps
 	}
-	vip := netip.MustParseAddrPort("10.0.100.1:4500")
-	fp.Handover(dataplane.KernelFlow{Service: 7, Client: netip.MustParseAddrPort("10.1.0.1:4500"), Local: vip})
+	ap := netip.MustParseAddrPort
+	vip, up, be := ap("10.0.100.1:4500"), ap("10.0.0.1:40000"), ap("10.0.0.11:4500")
+	fp.Handover(dataplane.KernelFlow{Service: 7, Client: ap("10.1.0.1:4500"), Local: vip, Upstream: up, Backend: be})
 	time.Sleep(50 * time.Millisecond) // ten polls
 	if n := sweeps(); n != 0 {
 		t.Fatalf("%d sweeps after one handover, want 0", n)
 	}
 	for i := range 4 * handoverQueue {
-		fp.Handover(dataplane.KernelFlow{Service: 7, Client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), Local: vip})
+		fp.Handover(dataplane.KernelFlow{Service: 7, Client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 4500), Local: vip, Upstream: up, Backend: be})
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for sweeps() == 0 {
@@ -526,12 +534,44 @@ func TestFastPathNATFlows(t *testing.T) {
 		_, elems, _ := k.snapshot()
 		return elems[key("10.1.0.2")] == a("10.0.0.12") && len(elems) == 1
 	})
+	// Dropped at its first datagram, before the binding that datagram
+	// proposed commits: in the DNAT map once it does.
+	fp.Handover(dataplane.KernelFlow{Service: 7, Client: ap("10.1.0.3:500"), Local: ap("10.0.100.1:500")})
+	time.Sleep(20 * time.Millisecond) // polls and flushes
+	if _, elems, _ := k.snapshot(); len(elems) != 1 {
+		t.Fatalf("DNAT map %v before the marked client's binding commits", elems)
+	}
+	tb.Put(key("10.1.0.3"), dataplane.Entry{Backend: 1})
+	wait("the client marked before its binding in the DNAT map", func() bool {
+		_, elems, _ := k.snapshot()
+		return elems[key("10.1.0.3")] == a("10.0.0.11") && len(elems) == 2
+	})
+	// Their datagrams to the listener were untracked (listenerUntracked):
+	// no conntrack entry to delete.
+	k.mu.Lock()
+	for _, fl := range k.handedOver {
+		if c := fl.client.Addr(); c == a("10.1.0.2") || c == a("10.1.0.3") {
+			k.mu.Unlock()
+			t.Fatalf("an overflow client's listener entry was deleted: %v", fl)
+		}
+	}
+	k.mu.Unlock()
+	// A mark whose binding never commits expires; a bound client's stays.
+	fp.Handover(dataplane.KernelFlow{Service: 7, Client: ap("10.1.0.4:500"), Local: ap("10.0.100.1:500")})
+	if !fp.held.inOverflow(key("10.1.0.4")) {
+		t.Fatal("a client the flow limit dropped is not marked")
+	}
+	now.Store(now.Load() + 2*int64(overflowGrace))
+	wait("the unbound mark expired", func() bool { return !fp.held.inOverflow(key("10.1.0.4")) })
+	if !fp.held.inOverflow(key("10.1.0.3")) {
+		t.Fatal("a bound overflow client's mark expired")
+	}
 	// Without the ingress stage Handover says false.
 	k.mu.Lock()
 	k.natIngress = false
 	k.mu.Unlock()
 	k.rehook = true // a reinstall, which asks ingressNAT again
-	wait("every client in the DNAT map", func() bool { _, elems, _ := k.snapshot(); return len(elems) == 2 })
+	wait("every client in the DNAT map", func() bool { _, elems, _ := k.snapshot(); return len(elems) == 3 })
 	if fp.Handover(kf) {
 		t.Fatal("Handover = true without the ingress stage")
 	}

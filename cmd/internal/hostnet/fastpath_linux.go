@@ -259,10 +259,15 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 	}
 	// Each chain only when a service needs it: a hook without rules
 	// still costs every packet a call.
-	var rawPre, fwd, natPre, natPost *nftables.Chain
-	if slices.ContainsFunc(ids, func(id uint32) bool { return svcs[id].transparent }) {
+	var rawPre, rawOut, fwd, natPre, natPost *nftables.Chain
+	if slices.ContainsFunc(ids, func(id uint32) bool { return svcs[id].transparent || k.natIngress[id] }) {
 		rawPre = chain("raw_prerouting", nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityRaw)
+	}
+	if slices.ContainsFunc(ids, func(id uint32) bool { return svcs[id].transparent }) {
 		fwd = chain("forward", nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter)
+	}
+	if slices.ContainsFunc(ids, func(id uint32) bool { return k.natIngress[id] }) {
+		rawOut = chain("raw_output", nftables.ChainTypeFilter, nftables.ChainHookOutput, nftables.ChainPriorityRaw)
 	}
 	if slices.ContainsFunc(ids, func(id uint32) bool { return !svcs[id].transparent }) {
 		natPre = chain("nat_prerouting", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest)
@@ -286,7 +291,13 @@ func (k *nftFast) installFamily(c *nftables.Conn, t *nftables.Table, svcs map[ui
 
 		// (A service whose flows the ingress stage carries
 		// (natingress_linux.go) has in its map only the clients the
-		// engine had no flow for: its flow limit.)
+		// engine had no flow for: its flow limit. Its listener's
+		// datagrams are untracked: listenerUntracked.)
+		if k.natIngress[id] {
+			if err := listenerUntracked(c, t, s, ports, aff, rawPre, rawOut); err != nil {
+				return err
+			}
+		}
 		// Tracked: a client's first datagram is decided by the DNAT rule
 		// (in the map: to its backend; not: to the userspace listener),
 		// the rest follow its conntrack entry with no rule evaluated. A
@@ -664,6 +675,19 @@ func replySet(t *nftables.Table, s *fastService) *nftables.Set {
 	return &nftables.Set{Table: t, Name: "bk_" + strconv.FormatUint(uint64(s.id), 10), KeyType: nftables.TypeIPAddr}
 }
 
+// addReplySet adds s's backend set holding s.replyFrom to table t.
+func addReplySet(c *nftables.Conn, t *nftables.Table, s *fastService) (*nftables.Set, error) {
+	bk := replySet(t, s)
+	var be []nftables.SetElement
+	for _, a := range s.replyFrom {
+		be = append(be, nftables.SetElement{Key: a.AsSlice()})
+	}
+	if err := c.AddSet(bk, be); err != nil {
+		return nil, wrap("nft set "+bk.Name, err)
+	}
+	return bk, nil
+}
+
 // transparentRules are a transparent service's stateless rules (IPv4
 // only: fastEligible):
 //
@@ -680,13 +704,9 @@ func replySet(t *nftables.Table, s *fastService) *nftables.Set {
 // hook for the table, so fragmented datagrams are reassembled before the
 // raw rules (a non-first fragment has no UDP header to match).
 func (k *nftFast) transparentRules(c *nftables.Conn, t *nftables.Table, s *fastService, ports, aff *nftables.Set, rawPre, fwd *nftables.Chain) error {
-	bk := replySet(t, s)
-	var be []nftables.SetElement
-	for _, a := range s.replyFrom {
-		be = append(be, nftables.SetElement{Key: a.AsSlice()})
-	}
-	if err := c.AddSet(bk, be); err != nil {
-		return wrap("nft set "+bk.Name, err)
+	bk, err := addReplySet(c, t, s)
+	if err != nil {
+		return err
 	}
 	src, dst, n := addrOffsets(s)
 	const ipCsumOffset = 10
@@ -729,6 +749,44 @@ func (k *nftFast) transparentRules(c *nftables.Conn, t *nftables.Table, s *fastS
 		&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: repCounter(s)},
 		&expr.Immediate{Register: 1, Data: s.vip.AsSlice()},
 		rewrite(src),
+	})})
+	return nil
+}
+
+// listenerUntracked adds the rules that keep the datagrams between the
+// clients a nat service's listener serves and the listener out of
+// conntrack, for a service whose flows the ingress stage carries:
+//
+//	raw prerouting: ip daddr VIP udp dport @ports ip saddr != @aff ip saddr != @bk notrack
+//	raw output:     ip saddr VIP udp sport @ports notrack
+//
+// A client the engine has no flow for (its flow limit) goes into the DNAT
+// map: with no listener entry in conntrack, its next datagram is tracked
+// and DNATed, with no entry to delete first. (With tracked listener
+// datagrams each such client needed a conntrack delete while it kept
+// sending: at 100,000 clients beyond the limit those deletes failed for
+// lack of socket buffer and the clients stayed on the listener.) The
+// listener's own datagrams to the client are untracked too: tracked, they
+// would make an entry whose reply direction is the client's next
+// datagram. Datagrams from a backend (replies of DNATed flows, to a SNAT
+// address that may be the VIP) stay tracked.
+func listenerUntracked(c *nftables.Conn, t *nftables.Table, s *fastService, ports, aff *nftables.Set, rawPre, rawOut *nftables.Chain) error {
+	bk, err := addReplySet(c, t, s)
+	if err != nil {
+		return err
+	}
+	c.AddRule(&nftables.Rule{Table: t, Chain: rawPre, Exprs: concat(toVIP(s, ports), saddr(s), []expr.Any{
+		&expr.Lookup{SourceRegister: 1, SetName: aff.Name, SetID: aff.ID, Invert: true},
+		&expr.Lookup{SourceRegister: 1, SetName: bk.Name, SetID: bk.ID, Invert: true},
+		&expr.Notrack{},
+	})})
+	src, _, n := addrOffsets(s)
+	c.AddRule(&nftables.Rule{Table: t, Chain: rawOut, Exprs: concat(isUDP(), []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: src, Len: n},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
+		&expr.Lookup{SourceRegister: 1, SetName: ports.Name, SetID: ports.ID},
+		&expr.Notrack{},
 	})})
 	return nil
 }

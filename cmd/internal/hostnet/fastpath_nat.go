@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/ikelb/ikelb/dataplane"
 )
@@ -24,9 +25,10 @@ type heldFlows struct {
 	byClient map[dataplane.ClientKey]map[dataplane.KernelFlow]struct{}
 	dirty    map[dataplane.KernelFlow]struct{} // changed since the goroutine last looked
 	// overflow: clients of a service the ingress stage carries that the
-	// engine could not give a flow (its flow limit): the conntrack path
-	// (the DNAT map) carries them instead.
-	overflow map[dataplane.ClientKey]struct{}
+	// engine could not give a flow (its flow limit), with when it first
+	// could not: the conntrack path (the DNAT map) carries them instead,
+	// once their binding commits (expireOverflow).
+	overflow map[dataplane.ClientKey]int64
 	kick     chan struct{} // capacity 1: dirty is not empty
 	// live: the services whose flows the installed ingress stage carries
 	// (nil: none); the goroutine replaces it.
@@ -42,7 +44,7 @@ func newHeldFlows() *heldFlows {
 		flows:    map[dataplane.KernelFlow]*heldFlow{},
 		byClient: map[dataplane.ClientKey]map[dataplane.KernelFlow]struct{}{},
 		dirty:    map[dataplane.KernelFlow]struct{}{},
-		overflow: map[dataplane.ClientKey]struct{}{},
+		overflow: map[dataplane.ClientKey]int64{},
 		kick:     make(chan struct{}, 1),
 	}
 }
@@ -61,8 +63,7 @@ func clientKey(kf dataplane.KernelFlow) dataplane.ClientKey {
 // take holds kf if the ingress stage carries its service; it reports
 // whether it does.
 func (h *heldFlows) take(kf dataplane.KernelFlow) bool {
-	live := h.live.Load()
-	if live == nil || !(*live)[kf.Service] {
+	if !h.carries(kf.Service) {
 		return false
 	}
 	kf = canonical(kf)
@@ -324,12 +325,18 @@ func (f *FastPath) countFlows(st *fastState, s *fastService, now int64) (map[net
 	return perClient, nil
 }
 
-// overflowed records that the engine had no flow for a client of a
-// service the ingress stage carries; it reports whether the client is new
-// to the set.
-func (h *heldFlows) overflowed(kf dataplane.KernelFlow) bool {
+// carries reports whether the installed ingress stage carries service
+// id's flows.
+func (h *heldFlows) carries(id uint32) bool {
 	live := h.live.Load()
-	if live == nil || !(*live)[kf.Service] {
+	return live != nil && (*live)[id]
+}
+
+// overflowed records at now that the engine had no flow for a client of
+// a service the ingress stage carries; it reports whether the client is
+// new to the set.
+func (h *heldFlows) overflowed(kf dataplane.KernelFlow, now int64) bool {
+	if !h.carries(kf.Service) {
 		return false
 	}
 	ck := clientKey(canonical(kf))
@@ -338,34 +345,63 @@ func (h *heldFlows) overflowed(kf dataplane.KernelFlow) bool {
 	if _, ok := h.overflow[ck]; ok {
 		return false
 	}
-	h.overflow[ck] = struct{}{}
+	h.overflow[ck] = now
 	return true
 }
 
-// inOverflow reports whether k is in the overflow set; drop takes it out.
-func (h *heldFlows) inOverflow(k dataplane.ClientKey, drop bool) bool {
+// inOverflow reports whether k is in the overflow set.
+func (h *heldFlows) inOverflow(k dataplane.ClientKey) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	_, ok := h.overflow[k]
-	if drop {
-		delete(h.overflow, k)
-	}
 	return ok
+}
+
+// overflowGrace is how long a client stays in the overflow set without a
+// committed binding: the engine marks it at its first datagram, before
+// the binding that datagram proposed commits.
+const overflowGrace = 10 * time.Second
+
+// expireOverflow takes out of the overflow set the clients marked before
+// until without a binding (bound reports it): they left the table, or
+// their binding never committed.
+func (h *heldFlows) expireOverflow(until int64, bound func(dataplane.ClientKey) bool) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for k, at := range h.overflow {
+		if at < until && !bound(k) {
+			delete(h.overflow, k)
+			n++
+		}
+	}
+	return n
 }
 
 // Handover implements dataplane.KernelPath: a flow of a service the
 // ingress stage carries is held and put in the kernel (true). A client of
 // such a service the engine has no flow for (its flow limit) goes into
-// the DNAT map instead: the conntrack path. Otherwise, and then too, the
-// flow's conntrack entry to the listener is deleted on the fast path's
-// goroutine, so that its next datagram takes the DNAT rule. It never
-// blocks.
+// the DNAT map instead: the conntrack path; its datagrams to the listener
+// were untracked (listenerUntracked), so its next one takes the DNAT
+// rule. Otherwise the flow's conntrack entry to the listener is deleted
+// on the fast path's goroutine, so that its next datagram takes the DNAT
+// rule. It never blocks.
 func (f *FastPath) Handover(kf dataplane.KernelFlow) bool {
 	if kf.Upstream.IsValid() && f.held.take(kf) {
 		return true
 	}
-	if !kf.Upstream.IsValid() && f.held.overflowed(kf) {
-		f.queue.Changed(clientKey(canonical(kf))) // the goroutine's diff puts it in the DNAT map
+	if !kf.Upstream.IsValid() {
+		if f.held.carries(kf.Service) {
+			if f.held.overflowed(kf, f.cfg.Now()) {
+				// The goroutine's diff puts it in the DNAT map, now
+				// or when its binding commits.
+				f.queue.Changed(clientKey(canonical(kf)))
+			}
+			return false
+		}
+		if !f.Forwards(clientKey(canonical(kf))) {
+			return false // the listener is where it belongs
+		}
 	}
 	f.handoverAsks.Add(1)
 	select {

@@ -38,7 +38,7 @@ func TestFastServices(t *testing.T) {
 		{ID: 3, Mode: dataplane.ModeNAT, VIP: a("10.0.100.3"), Ports: []uint16{500}, SNAT: a("fd00::1")},
 		{ID: 4, Mode: dataplane.ModeTransparent, VIP: a("fd00::100"), Ports: []uint16{500}},
 	}
-	got := fastServices(set)
+	got := fastServices(set, false)
 	if len(got) != 2 || got[1] == nil || got[2] == nil {
 		t.Fatalf("services %v, want 1 and 2 (IPv6 transparent and a cross-family SNAT stay in userspace)", got)
 	}

@@ -259,7 +259,7 @@ func ingressRule(t *nftables.Table, chain string, s *fastService, mtu uint32) (m
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 		&expr.Lookup{SourceRegister: 1, SetName: ports.Name},
 	)
-	exprs = append(exprs, hostChecks(mtu)...)
+	exprs = append(exprs, hostChecks(mtu, 1)...)
 	exprs = append(exprs,
 		// ip daddr set ip saddr map @aff counter name in_ID
 		// fwd ip to ip daddr map @nhop device ip daddr map @odev: the

@@ -128,19 +128,19 @@ func natIngressObjects(c *nftables.Conn, t *nftables.Table, s *fastService) erro
 }
 
 // hostChecks: addressed to this host at layer 2, not a fragment, TTL
-// left after the hop, no longer than mtu.
-func hostChecks(mtu uint32) []expr.Any {
+// left after the hop, no longer than mtu; evaluated in register reg.
+func hostChecks(mtu, reg uint32) []expr.Any {
 	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyPKTTYPE, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.PACKET_HOST}},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 6, Len: 2},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 2, Mask: []byte{0x3f, 0xff}, Xor: []byte{0, 0}},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0}},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 1},
-		&expr.Cmp{Op: expr.CmpOpGt, Register: 1, Data: []byte{1}},
-		&expr.Meta{Key: expr.MetaKeyLEN, Register: 1},
-		&expr.Byteorder{SourceRegister: 1, DestRegister: 1, Op: expr.ByteorderHton, Len: 4, Size: 4},
-		&expr.Cmp{Op: expr.CmpOpLte, Register: 1, Data: binaryutil.BigEndian.PutUint32(mtu)},
+		&expr.Meta{Key: expr.MetaKeyPKTTYPE, Register: reg},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: reg, Data: []byte{unix.PACKET_HOST}},
+		&expr.Payload{DestRegister: reg, Base: expr.PayloadBaseNetworkHeader, Offset: 6, Len: 2},
+		&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 2, Mask: []byte{0x3f, 0xff}, Xor: []byte{0, 0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: reg, Data: []byte{0, 0}},
+		&expr.Payload{DestRegister: reg, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpGt, Register: reg, Data: []byte{1}},
+		&expr.Meta{Key: expr.MetaKeyLEN, Register: reg},
+		&expr.Byteorder{SourceRegister: reg, DestRegister: reg, Op: expr.ByteorderHton, Len: 4, Size: 4},
+		&expr.Cmp{Op: expr.CmpOpLte, Register: reg, Data: binaryutil.BigEndian.PutUint32(mtu)},
 	}
 }
 
@@ -247,7 +247,10 @@ func fwdByDaddr(nhop, odev string) []expr.Any {
 // natRequestRules are s's request rules in one interface's chain: one
 // for datagrams with a UDP checksum, one for those without. The port
 // first (keyed by the client's port), then both addresses in one write
-// (keyed by the port just written, the flow's own).
+// (keyed by the port just written, the flow's own). The flow lookup
+// comes before the host checks (in register 2): a datagram of a client
+// the stage does not carry (the conntrack path's, beyond the engine's
+// flow limit) leaves each rule after a dozen expressions.
 func natRequestRules(t *nftables.Table, chain string, s *fastService, mtu uint32) ([]mnl.Message, error) {
 	np, na, _, _ := natMaps(t, s)
 	return checksumRules(t, chain, func(csum bool) []expr.Any {
@@ -255,8 +258,10 @@ func natRequestRules(t *nftables.Table, chain string, s *fastService, mtu uint32
 		return concat(ipv4UDP(), []expr.Any{
 			load(1, expr.PayloadBaseNetworkHeader, ipDaddr, 4),
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: s.vip.AsSlice()},
-		}, hostChecks(mtu), udpChecksum(csum),
-			setFrom(np.Name, writePort(1, udpSport, csum), fSaddr, fSport, fDport), // bumps the flow's counter
+		}, udpChecksum(csum),
+			loads(fSaddr, fSport, fDport), []expr.Any{lookup(1, 1, np.Name)}, // bumps the flow's counter
+			hostChecks(mtu, 2),
+			[]expr.Any{writePort(1, udpSport, csum)},
 			setFrom(na.Name, writeAddrs(1), fSaddr, fSport, fDport),
 			[]expr.Any{&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natInCounter(s)}},
 			fwdByDaddr("nhop", "odev"),
@@ -274,8 +279,10 @@ func natReplyRules(t *nftables.Table, chain string, s *fastService, mtu uint32) 
 		return concat(ipv4UDP(), []expr.Any{
 			load(1, expr.PayloadBaseTransportHeader, udpSport, 2),
 			&expr.Lookup{SourceRegister: 1, SetName: portsSet(t, s).Name},
-		}, hostChecks(mtu), udpChecksum(csum),
-			setFrom(ra.Name, writeAddrs(1), fSaddr, fSport, fDaddr, fDport), // bumps the flow's counter
+		}, udpChecksum(csum),
+			loads(fSaddr, fSport, fDaddr, fDport), []expr.Any{lookup(1, 1, ra.Name)}, // bumps the flow's counter
+			hostChecks(mtu, 2),
+			[]expr.Any{writeAddrs(1)},
 			setFrom(rp.Name, writePort(1, udpDport, csum), fSaddr, fSport, fDaddr, fDport),
 			[]expr.Any{&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: natRepCounter(s)}},
 			fwdByDaddr("cnhop", "codev"),
