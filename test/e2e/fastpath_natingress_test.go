@@ -197,3 +197,91 @@ func TestFastPathNATIngress(t *testing.T) {
 		t.Fatalf("after stop: %v %s", err, out)
 	}
 }
+
+// TestFastPathNATIngressOverflow runs more ikesim clients through ikelbd
+// (nat, ingress stage) than its flow limit holds: with an open-file limit
+// of 1,000 the engine opens 64 flow sockets, and 48 clients need 96 (one
+// for IKE on 500, one for NAT-T on 4500). The flows the engine holds go
+// to the ingress stage; the clients it has no flow for go into the DNAT
+// map at their first dropped datagram and are DNATed from their next one
+// on (their datagrams to the listener were never tracked, so no conntrack
+// entry stands in the way). Every session completes with both ports on
+// one server, and nothing reaches the listener once all are moved.
+func TestFastPathNATIngressOverflow(t *testing.T) {
+	netns.Require(t, "nft", "prlimit")
+	ikesim := IkesimBinary(t)
+	fl := newFastPathLab(t, "fpo", "ingress", `table ip seen {
+	set sources { type ipv4_addr . inet_service; flags dynamic; }
+	chain input { type filter hook input priority 0; policy accept;
+		udp dport 4500 add @sources { ip saddr . udp sport }
+	}
+}`, "ikelb_fast aff_1", "prlimit", "--nofile=1000:1000")
+	lab, c, lb, d := fl.lab, fl.c, fl.lb, fl.d
+	// Datagrams that reach the listener with a conntrack entry: none
+	// (listenerUntracked).
+	lb.NFT(`table ip tracked {
+	chain input { type filter hook input priority 0; policy accept;
+		ip daddr ` + fpVIP + ` udp dport { 500, 4500 } ct state != untracked counter
+	}
+}`)
+	if !strings.Contains(d.Log(), "max_flows=64") {
+		t.Fatalf("ikelbd did not cap its flows at 64 under an open-file limit of 1,000:\n%s", d.Log())
+	}
+	var last string
+	userspace := func() uint64 { return nftCounter(t, lb, "chain", "ip", "userspace", "input") }
+	flows := func() int {
+		out, _ := lb.Run("nft", "list", "map", "netdev", "ikelb_fast", "na_1")
+		last = out
+		return len(regexp.MustCompile(`: 10\.0\.0\.1 \. 10\.0\.0\.1[12]\b`).FindAllString(out, -1))
+	}
+	dnat := func() int {
+		out, _ := lb.Run("nft", "list", "map", "ip", "ikelb_fast", "aff_1")
+		last = out
+		return len(regexp.MustCompile(`198\.51\.100\.\d+ [^,:]*: 10\.0\.0\.1[12]`).FindAllString(out, -1)) // "a counter packets n bytes m : b"
+	}
+
+	const clients = 48
+	for i := 1; i <= clients; i++ {
+		c.MustRun("ip", "addr", "add", fmt.Sprintf("198.51.100.%d/24", 100+i), "dev", "eth0")
+	}
+	p := lab.Start(c, "sessions", ikesim, "sessions", "--vip", fpVIP, "--clients", strconv.Itoa(clients),
+		"--source-base", "198.51.100.100", "--interval", "100ms", "--duration", "12s")
+	var nd string
+	Eventually(t, 15*time.Second, func() bool {
+		nd, _ = lb.Run("nft", "list", "table", "netdev", "ikelb_fast")
+		return dnat() > 0 && flows() > 0
+	}, func() string { return "no clients both at ingress and in the DNAT map: " + last + "\n" + nd })
+	var u1, u2 uint64
+	Eventually(t, 10*time.Second, func() bool {
+		u1 = userspace()
+		time.Sleep(time.Second) // 10 datagrams per client
+		u2 = userspace()
+		return u2 == u1
+	}, func() string { return fmt.Sprintf("datagrams still reach the listener: %d → %d in a second", u1, u2) })
+	nFlows, nDNAT := flows(), dnat()
+	if nFlows > 64 {
+		t.Fatalf("%d flows at ingress, more than the engine's 64 sockets:\n%s", nFlows, last)
+	}
+	t.Logf("%d flows at ingress, %d clients in the DNAT map; userspace deliveries stayed at %d", nFlows, nDNAT, u1)
+
+	select {
+	case <-p.Done():
+	case <-time.After(40 * time.Second):
+		t.Fatal("sessions did not finish")
+	}
+	lines := parseSessions(p.Log())
+	if len(lines) != clients {
+		t.Fatalf("%d session lines, want %d:\n%s", len(lines), clients, p.Log())
+	}
+	for _, l := range lines {
+		if l.Err != "" || !l.Kept || l.Answered == 0 || l.IKEResponder != l.NATTResponder || l.Checks < 20 {
+			t.Errorf("client %s: %+v", l.Client, l)
+		}
+	}
+	if n := nftCounter(t, lb, "chain", "ip", "tracked", "input"); n > 0 {
+		t.Errorf("%d datagrams reached the listener tracked by conntrack", n)
+	}
+	if n := strings.Count(d.Log(), "conntrack entries failed"); n > 0 {
+		t.Errorf("%d conntrack delete failures logged", n)
+	}
+}

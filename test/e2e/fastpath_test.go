@@ -297,7 +297,8 @@ type fastPathLab struct {
 	ctl   func(args ...string) (string, error)
 }
 
-func newFastPathLab(t *testing.T, prefix, natPath, seen, ready string) *fastPathLab {
+// wrap, if any, goes between "ip netns exec lb" and ikelbd (e.g. prlimit).
+func newFastPathLab(t *testing.T, prefix, natPath, seen, ready string, wrap ...string) *fastPathLab {
 	t.Helper()
 	ikesim := IkesimBinary(t)
 	_, ctl := Binaries(t)
@@ -327,7 +328,7 @@ func newFastPathLab(t *testing.T, prefix, natPath, seen, ready string) *fastPath
 		ip daddr ` + fpVIP + ` udp dport { 500, 4500 } counter
 	}
 }`)
-	fl.d = StartDaemon(t, "ikelbd-"+prefix, fpAdmin, fastPathConfig("lb1", "nat", fpVIP, natPath), "ip", "netns", "exec", lb.Name())
+	fl.d = StartDaemon(t, "ikelbd-"+prefix, fpAdmin, fastPathConfig("lb1", "nat", fpVIP, natPath), append([]string{"ip", "netns", "exec", lb.Name()}, wrap...)...)
 	fl.ctl = func(args ...string) (string, error) {
 		return lb.Run(append([]string{ctl, "--addr", fpAdmin}, args...)...)
 	}
