@@ -76,13 +76,12 @@ type DataplaneConfig struct {
 	// dataplane/DESIGN.md "Kernel fast path".
 	KernelFastPath bool `yaml:"kernel_fast_path"`
 	// NATFastPath is how the fast path carries nat-mode clients:
-	// "conntrack" (default) keeps them on the DNAT and SNAT rules;
-	// "ingress" NATs each handed-over flow statelessly at the interfaces'
-	// ingress, with the flow's own SNAT address and port, where the host
-	// has Ethernet-like interfaces and the service is IPv4 (faster; not
-	// yet for more concurrent clients than the engine's flow limit: see
-	// README "Forwarding modes"). Either way a client the ingress stage
-	// cannot take goes through conntrack or userspace.
+	// "ingress" (default) NATs each handed-over flow statelessly at the
+	// interfaces' ingress, with the flow's own SNAT address and port,
+	// where the host has Ethernet-like interfaces and the service is IPv4;
+	// clients beyond the engine's flow limit, IPv6 services and other
+	// hosts go through the DNAT and SNAT rules. "conntrack" keeps every
+	// nat client on those rules. See README "Forwarding modes".
 	NATFastPath string `yaml:"nat_fast_path"`
 }
 

@@ -143,7 +143,7 @@ func startDaemonWith(ctx context.Context, cfg *Config, logger *slog.Logger, opts
 		}
 		if cfg.Dataplane.KernelFastPath {
 			d.fast, err = hostnet.NewFastPath(hostnet.FastPathConfig{Logger: logger, Table: table, Proposer: node.Proposer(),
-				ConntrackNAT: cfg.Dataplane.NATFastPath != "ingress"})
+				ConntrackNAT: cfg.Dataplane.NATFastPath == "conntrack"})
 			if err != nil {
 				logger.Info("kernel fast path off", "reason", err.Error())
 				d.fast = nil

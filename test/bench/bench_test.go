@@ -24,7 +24,7 @@ var (
 	offered  = flag.Float64("rate", 0, "forwarding: offered datagrams/s of the rate runs (default 0: open loop); below every target's capacity, CPU ns/dgram compares per-packet cost")
 	offCPU   = flag.Bool("ikelbd-off-balancer-cpu", false, "forwarding: run ikelbd on the generator's CPU, not the balancer's (the kernel fast path then has the balancer's core to itself, as a kernel balancer does)")
 	count    = flag.String("count", CountKernel, "where load is counted at the backends: kernel (nft counter) or socket (recvmmsg sink)")
-	natPath  = flag.String("nat-fast-path", "", "forwarding and scale: ikelbd's dataplane.nat_fast_path for the ikelb nat target (ingress or conntrack; default: the suite's)")
+	natPath  = flag.String("nat-fast-path", "", "forwarding and scale: ikelbd's dataplane.nat_fast_path for the ikelb nat target (ingress or conntrack; default: ikelbd's, ingress)")
 )
 
 // setNATFastPath applies -nat-fast-path to the ikelb nat targets in ts.

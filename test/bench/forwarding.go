@@ -52,7 +52,7 @@ func DefaultForwarding(buildIkelbd func() (string, error)) ForwardingConfig {
 	return ForwardingConfig{
 		Targets: []Target{
 			Routing{}, NFTables{}, NFTables{Masquerade: true}, &Nginx{},
-			&Ikelb{Mode: "nat", Binary: buildIkelbd, NATFastPath: "ingress"},
+			&Ikelb{Mode: "nat", Binary: buildIkelbd},
 			&Ikelb{Mode: "transparent", Binary: buildIkelbd},
 		},
 		Sizes:           []int{64, 1400},

@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -215,6 +214,10 @@ func (k *Ikelb) Start(ctx context.Context, env *Env) (netip.AddrPort, error) {
 	}
 	dir := env.Lab.MkDir("ikelbd-" + k.Mode)
 	var b strings.Builder
+	natPathLine := "" // ikelbd's default
+	if k.NATFastPath != "" {
+		natPathLine = "\n  nat_fast_path: " + k.NATFastPath
+	}
 	// Inside the balancer's own namespace these loopback ports cannot
 	// collide with anything.
 	fmt.Fprintf(&b, `node: bench-%s
@@ -225,8 +228,7 @@ log_level: info
 raft:
   bind_address: 127.0.0.1:7452
 dataplane:
-  kernel_fast_path: true
-  nat_fast_path: %s
+  kernel_fast_path: true%s
 services:
   - name: bench
     vip: %s
@@ -234,7 +236,7 @@ services:
     forwarding_mode: %s
     health_check: {type: none}
     backends:
-`, k.Mode, filepath.Join(dir, "data"), ikelbMetricsAddr, cmp.Or(k.NATFastPath, "conntrack"), VIP, k.Mode)
+`, k.Mode, filepath.Join(dir, "data"), ikelbMetricsAddr, natPathLine, VIP, k.Mode)
 	for _, a := range env.BackendAddrs {
 		fmt.Fprintf(&b, "      - address: %s\n", a)
 	}
