@@ -53,7 +53,14 @@
 // active, a stateless NAT of each flow the engine hands over, at netdev
 // ingress both ways with the flow socket's own address and port
 // (natingress_linux.go); their aff_ID then holds only the clients the
-// engine had no flow for;
+// engine had no flow for (its flow limit), and the listener's datagrams
+// are untracked, so such a client is DNATed at its next datagram once
+// in aff_ID, with no conntrack entry to delete:
+//
+//	set bk_ID { every backend of the VIP's family, whatever its state }
+//	raw prerouting: ip daddr VIP udp dport @ports_ID ip saddr != @aff_ID ip saddr != @bk_ID notrack
+//	raw output:     ip saddr VIP udp sport @ports_ID notrack
+//
 //
 // and per transparent service (stateless: no conntrack, so any node
 // carries any packet; the same map maintenance):
