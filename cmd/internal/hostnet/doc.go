@@ -61,7 +61,6 @@
 //	raw prerouting: ip daddr VIP udp dport @ports_ID ip saddr != @aff_ID ip saddr != @bk_ID notrack
 //	raw output:     ip saddr VIP udp sport @ports_ID notrack
 //
-//
 // and per transparent service (stateless: no conntrack, so any node
 // carries any packet; the same map maintenance):
 //

@@ -111,10 +111,11 @@ type fastService struct {
 func (s *fastService) v6() bool { return !s.vip.Is4() }
 
 // sameRules reports whether a and b need the same nft rules (backends go
-// into the map, not the rules).
+// into the map, not the rules; a nat service's replyFrom goes into a set
+// that fastKernel.replies updates in place).
 func (s *fastService) sameRules(o *fastService) bool {
 	return s.id == o.id && s.vip == o.vip && s.snat == o.snat && slices.Equal(s.ports, o.ports) &&
-		s.transparent == o.transparent && slices.Equal(s.replyFrom, o.replyFrom)
+		s.transparent == o.transparent && (!s.transparent || slices.Equal(s.replyFrom, o.replyFrom))
 }
 
 // fastEligible reports whether the fast path serves s (given that the
@@ -268,6 +269,9 @@ type fastKernel interface {
 	// flowCounts reads the packets the ingress stage matched to s's
 	// flows: requests by client and VIP port, replies by upstream.
 	flowCounts(s *fastService) (map[natReqKey]uint64, map[netip.AddrPort]uint64, error)
+	// replies makes the installed backend set of nat service s hold
+	// s.replyFrom (its backends changed; no-op where s has none).
+	replies(s *fastService) error
 }
 
 // FastPath keeps the kernel forwarding established clients of nat-mode
@@ -770,6 +774,15 @@ func (f *FastPath) applyServices(st *fastState, set []dataplane.Service) {
 	if !same || !st.installed {
 		f.rebuild(st, old)
 		return
+	}
+	for id, s := range next {
+		if !s.transparent && !slices.Equal(s.replyFrom, old[id].replyFrom) {
+			if err := f.kernel.replies(s); err != nil {
+				f.log.Warn("fast path: updating a nat service's backend set failed; rebuilding", "error", err, "service_id", id)
+				f.rebuild(st, old)
+				return
+			}
+		}
 	}
 	f.resync(st)
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"maps"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -33,6 +34,7 @@ type fakeKernel struct {
 	noRoute    bool
 	flowErr    error
 	flows      map[dataplane.KernelFlow]uint64 // → packets counted
+	replySets  map[uint32][]netip.Addr         // replies' last call per service
 	routes     map[netip.Addr]ingressRoute
 	gateway    map[netip.Addr]netip.Addr // client → next hop (default: on-link)
 }
@@ -93,6 +95,16 @@ func (k *fakeKernel) remove() error {
 }
 
 func (k *fakeKernel) forwards(bool) bool { return true }
+
+func (k *fakeKernel) replies(s *fastService) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.replySets == nil {
+		k.replySets = map[uint32][]netip.Addr{}
+	}
+	k.replySets[s.id] = slices.Clone(s.replyFrom)
+	return nil
+}
 
 func (k *fakeKernel) ingressNAT() map[uint32]bool {
 	k.mu.Lock()
@@ -574,5 +586,45 @@ func TestFastPathNATFlows(t *testing.T) {
 	wait("every client in the DNAT map", func() bool { _, elems, _ := k.snapshot(); return len(elems) == 3 })
 	if fp.Handover(kf) {
 		t.Fatal("Handover = true without the ingress stage")
+	}
+}
+
+// TestFastPathNATBackendsInPlace: with the ingress stage carrying a nat
+// service, a backend added or removed changes the set its listener rules
+// keep tracked (replies of DNATed flows) in place, without reinstalling
+// the tables (which would take every flow out of the ingress maps).
+func TestFastPathNATBackendsInPlace(t *testing.T) {
+	a := netip.MustParseAddr
+	k := newFakeKernel()
+	k.natIngress = true
+	fp := startFastPath(FastPathConfig{Logger: slogDiscard, Table: dataplane.NewTable(), Poll: time.Hour}, k)
+	defer fp.Close()
+	svc := func(addrs ...string) dataplane.Service {
+		s := dataplane.Service{ID: 7, Mode: dataplane.ModeNAT, VIP: a("10.0.100.1"), Ports: []uint16{500, 4500}}
+		for i, b := range addrs {
+			s.Backends = append(s.Backends, dataplane.Backend{ID: uint32(i + 1), Addr: a(b), Weight: 1, State: dataplane.StateActive})
+		}
+		return s
+	}
+	fp.transparent(fp.setServices([]dataplane.Service{svc("10.0.0.11", "10.0.0.12")}), 5*time.Second)
+	fp.transparent(fp.setServices([]dataplane.Service{svc("10.0.0.11", "10.0.0.12", "10.0.0.13")}), 5*time.Second)
+	k.mu.Lock()
+	installs, set := k.installs, k.replySets[7]
+	k.mu.Unlock()
+	if installs != 1 {
+		t.Fatalf("%d installs, want 1: a backend added reinstalled the tables", installs)
+	}
+	if want := []netip.Addr{a("10.0.0.11"), a("10.0.0.12"), a("10.0.0.13")}; !slices.Equal(set, want) {
+		t.Fatalf("backend set %v, want %v", set, want)
+	}
+	// Its rules otherwise changed (another port): reinstalled.
+	s := svc("10.0.0.11")
+	s.Ports = []uint16{4500}
+	fp.transparent(fp.setServices([]dataplane.Service{s}), 5*time.Second)
+	k.mu.Lock()
+	installs = k.installs
+	k.mu.Unlock()
+	if installs != 2 {
+		t.Fatalf("%d installs after a port change, want 2", installs)
 	}
 }

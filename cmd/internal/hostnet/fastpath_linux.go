@@ -675,6 +675,32 @@ func replySet(t *nftables.Table, s *fastService) *nftables.Set {
 	return &nftables.Set{Table: t, Name: "bk_" + strconv.FormatUint(uint64(s.id), 10), KeyType: nftables.TypeIPAddr}
 }
 
+// replies implements fastKernel: a nat service's backend set (in its
+// listener rules, listenerUntracked) is flushed and refilled in one
+// transaction.
+func (k *nftFast) replies(s *fastService) error {
+	if !k.natIngress[s.id] {
+		return nil
+	}
+	c, err := nftables.New()
+	if err != nil {
+		return wrap("nftables", err)
+	}
+	bk := replySet(k.table(s.v6()), s)
+	c.FlushSet(bk)
+	var be []nftables.SetElement
+	for _, a := range s.replyFrom {
+		be = append(be, nftables.SetElement{Key: a.AsSlice()})
+	}
+	if err := addElements(c, bk, be); err != nil {
+		return err
+	}
+	if err := c.Flush(); err != nil {
+		return wrap("nft set "+bk.Name, err)
+	}
+	return nil
+}
+
 // addReplySet adds s's backend set holding s.replyFrom to table t.
 func addReplySet(c *nftables.Conn, t *nftables.Table, s *fastService) (*nftables.Set, error) {
 	bk := replySet(t, s)

@@ -63,9 +63,9 @@ func TestFastPath(t *testing.T) {
 	ns := lab.AddNS("h")
 	t.Setenv("IKELB_FASTPATH_CHILD", "1")
 	start := time.Now()
-	out, err := ns.Run(os.Args[0], "-test.run=^TestFastPathChild$", "-test.v", "-test.count=1")
+	out, err := ns.Run(os.Args[0], "-test.run=^TestFastPath(NATListener)?Child$", "-test.v", "-test.count=1")
 	t.Logf("child in %s (%v):\n%s", ns.Name(), time.Since(start).Round(time.Millisecond), out)
-	if err != nil || !strings.Contains(out, "--- PASS: TestFastPathChild") {
+	if err != nil || !strings.Contains(out, "--- PASS: TestFastPathChild") || !strings.Contains(out, "--- PASS: TestFastPathNATListenerChild") {
 		t.Fatalf("child failed: %v", err)
 	}
 }
@@ -457,5 +457,64 @@ func runIP(t *testing.T, cmds [][]string) {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			t.Fatalf("ip %v: %v %s", args, err, out)
 		}
+	}
+}
+
+// TestFastPathNATListenerChild (in TestFastPath's namespace, after
+// TestFastPathChild): with the ingress stage carrying a nat service, the
+// datagrams between its clients and the listener are untracked, except
+// from the backends, whose set follows the service's backends in place.
+func TestFastPathNATListenerChild(t *testing.T) {
+	if os.Getenv("IKELB_FASTPATH_CHILD") != "1" {
+		t.Skip("runs inside the namespace TestFastPath makes")
+	}
+	a := netip.MustParseAddr
+	svc := func(addrs ...string) []dataplane.Service {
+		s := dataplane.Service{ID: 9, Mode: dataplane.ModeNAT, VIP: a("10.0.100.9"), Ports: []uint16{500, 4500}}
+		for i, b := range addrs {
+			s.Backends = append(s.Backends, dataplane.Backend{ID: uint32(i + 1), Addr: a(b), Weight: 1, State: dataplane.StateActive})
+		}
+		return []dataplane.Service{s}
+	}
+	fp, err := NewFastPath(FastPathConfig{Logger: slogDiscard, Table: dataplane.NewTable(), Poll: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fp.Close()
+	fp.transparent(fp.setServices(svc("10.0.0.31", "10.0.0.32")), 5*time.Second)
+	list := func(args ...string) string {
+		out, err := exec.Command("nft", append([]string{"list"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("nft list %v: %v %s", args, err, out)
+		}
+		return space.ReplaceAllString(string(out), " ")
+	}
+	if nd := list("table", "netdev", DefaultFastNFTTable); !strings.Contains(nd, "@np_9") {
+		t.Fatalf("no ingress stage for the nat service:\n%s", nd)
+	}
+	pre, out := list("chain", "ip", DefaultFastNFTTable, "raw_prerouting"), list("chain", "ip", DefaultFastNFTTable, "raw_output")
+	if !strings.Contains(pre, "ip daddr 10.0.100.9 udp dport @ports_9 ip saddr != @aff_9 ip saddr != @bk_9 notrack") {
+		t.Fatalf("raw prerouting:\n%s", pre)
+	}
+	if !strings.Contains(out, "ip saddr 10.0.100.9 udp sport @ports_9 notrack") {
+		t.Fatalf("raw output:\n%s", out)
+	}
+	if bk := list("set", "ip", DefaultFastNFTTable, "bk_9"); !strings.Contains(bk, "elements = { 10.0.0.31, 10.0.0.32 }") {
+		t.Fatalf("backend set:\n%s", bk)
+	}
+	handle := func() string { // the table's rules' handles change when it is reinstalled
+		return regexp.MustCompile(`# handle \d+`).FindString(
+			func() string {
+				o, _ := exec.Command("nft", "-a", "list", "chain", "ip", DefaultFastNFTTable, "raw_output").CombinedOutput()
+				return string(o)
+			}())
+	}
+	before := handle()
+	fp.transparent(fp.setServices(svc("10.0.0.31", "10.0.0.32", "10.0.0.33")), 5*time.Second)
+	if bk := list("set", "ip", DefaultFastNFTTable, "bk_9"); !strings.Contains(bk, "elements = { 10.0.0.31, 10.0.0.32, 10.0.0.33 }") {
+		t.Fatalf("backend set after adding one:\n%s", bk)
+	}
+	if after := handle(); after != before || before == "" {
+		t.Fatalf("the tables were reinstalled for a backend added (raw output rule %q, then %q)", before, after)
 	}
 }
