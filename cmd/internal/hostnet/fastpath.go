@@ -272,6 +272,12 @@ type fastKernel interface {
 	// replies makes the installed backend set of nat service s hold
 	// s.replyFrom (its backends changed; no-op where s has none).
 	replies(s *fastService) error
+	// routesChanged reports whether the host's routes changed since the
+	// last call (false where it cannot tell).
+	routesChanged() bool
+	// close releases what the kernel side holds besides its tables (after
+	// remove; once).
+	close()
 }
 
 // FastPath keeps the kernel forwarding established clients of nat-mode
@@ -484,6 +490,7 @@ func (f *FastPath) Close() error {
 	f.appliedCh = make(chan struct{})
 	f.mu.Unlock()
 	f.notifyWG.Wait()
+	defer f.kernel.close()
 	return f.kernel.remove()
 }
 

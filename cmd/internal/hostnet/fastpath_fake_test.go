@@ -35,6 +35,7 @@ type fakeKernel struct {
 	flowErr    error
 	flows      map[dataplane.KernelFlow]uint64 // → packets counted
 	replySets  map[uint32][]netip.Addr         // replies' last call per service
+	routeEvent bool                            // routesChanged's answer (then false)
 	routes     map[netip.Addr]ingressRoute
 	gateway    map[netip.Addr]netip.Addr // client → next hop (default: on-link)
 }
@@ -95,6 +96,16 @@ func (k *fakeKernel) remove() error {
 }
 
 func (k *fakeKernel) forwards(bool) bool { return true }
+
+func (k *fakeKernel) routesChanged() bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	c := k.routeEvent
+	k.routeEvent = false
+	return c
+}
+
+func (k *fakeKernel) close() {}
 
 func (k *fakeKernel) replies(s *fastService) error {
 	k.mu.Lock()
@@ -626,5 +637,64 @@ func TestFastPathNATBackendsInPlace(t *testing.T) {
 	k.mu.Unlock()
 	if installs != 2 {
 		t.Fatalf("%d installs after a port change, want 2", installs)
+	}
+}
+
+// TestRecheckRoutesPace: client next hops are looked up again
+// recheckPerPoll a poll while the routes are still, and at recheckBurst
+// after a route event, for the pass under way and one full pass after
+// it, then slowly again.
+func TestRecheckRoutesPace(t *testing.T) {
+	k := newFakeKernel()
+	f := &FastPath{kernel: k, log: slogDiscard}
+	st := &fastState{nat: newNATFlows()}
+	const clients = 3 * recheckBurst
+	var all []netip.Addr
+	for i := range clients {
+		c := netip.AddrFrom4([4]byte{10, 2, byte(i >> 8), byte(i)})
+		all = append(all, c)
+		st.nat.routes[c] = &clientHop{route: ingressRoute{via: c, index: 1}, refs: 1}
+	}
+	moved := func() int { // clients whose hop is the new gateway in the maps
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		n := 0
+		for _, c := range all {
+			if k.routes[c].via == netip.MustParseAddr("10.0.0.254") {
+				n++
+			}
+		}
+		return n
+	}
+	reroute := func() {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		for _, c := range all {
+			k.gateway[c] = netip.MustParseAddr("10.0.0.254")
+		}
+	}
+	reroute() // missed by the events: the slow pace finds it
+	f.recheckRoutes(st)
+	if n := moved(); n != recheckPerPoll {
+		t.Fatalf("%d clients re-pointed by a quiet poll, want %d", n, recheckPerPoll)
+	}
+	// Back, with an event: the pass under way goes on at the burst pace.
+	k.mu.Lock()
+	clear(k.gateway)
+	k.routeEvent = true
+	k.mu.Unlock()
+	for range 3 { // the pass under way: its 1,504 clients left, 512 a poll
+		f.recheckRoutes(st)
+	}
+	for range 3 { // a full pass at the burst pace (it holds the first 32)
+		f.recheckRoutes(st)
+	}
+	if n := moved(); n != 0 {
+		t.Fatalf("%d clients still on the old gateway after an event and six polls", n)
+	}
+	reroute() // no event: 32 a poll again
+	f.recheckRoutes(st)
+	if n := moved(); n != recheckPerPoll {
+		t.Fatalf("%d clients re-pointed by a quiet poll after the burst, want %d", n, recheckPerPoll)
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"sync"
+	"sync/atomic"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -47,18 +49,58 @@ type nftFast struct {
 	// ctErr is the last conntrack read error logged.
 	ctErr     string
 	acctTried bool
+	// routeEvents: the kernel announced a route change since
+	// routesChanged last looked; routesDone ends the subscription.
+	routeEvents atomic.Bool
+	routesDone  chan struct{}
 }
 
 func newFastKernel(name string, log *slog.Logger, conntrackNAT bool) (fastKernel, error) {
 	if !forwards(false) && !forwards(true) {
 		return nil, fmt.Errorf("%w: ip forwarding is off (net.ipv4.conf.all.forwarding and net.ipv6.conf.all.forwarding are 0)", ErrFastPathUnavailable)
 	}
-	k := &nftFast{name: name, log: log, conntrackNAT: conntrackNAT}
+	k := &nftFast{name: name, log: log, conntrackNAT: conntrackNAT, routesDone: make(chan struct{})}
 	if err := k.remove(); err != nil { // a table left by a killed run
 		return nil, fmt.Errorf("%w: %w", ErrFastPathUnavailable, err)
 	}
+	k.subscribeRoutes()
 	return k, nil
 }
+
+// subscribeRoutes has the kernel's IPv4 route changes set routeEvents: the
+// nat ingress stage's client next hops are then looked up again at a
+// faster pace (FastPath.recheckRoutes). Without the subscription they
+// are still looked up again, slowly.
+func (k *nftFast) subscribeRoutes() {
+	ch := make(chan netlink.RouteUpdate, 64)
+	var once sync.Once
+	err := netlink.RouteSubscribeWithOptions(ch, k.routesDone, netlink.RouteSubscribeOptions{
+		ErrorCallback: func(err error) {
+			select {
+			case <-k.routesDone: // closed by close()
+			default:
+				once.Do(func() {
+					k.log.Warn("fast path: route change events stopped; client next hops are looked up again slowly", "error", err)
+				})
+			}
+		},
+	})
+	if err != nil {
+		k.log.Warn("fast path: no route change events; client next hops are looked up again slowly", "error", err)
+		return
+	}
+	go func() {
+		for u := range ch {
+			if u.Family == unix.AF_INET { // the ingress stage's clients are IPv4
+				k.routeEvents.Store(true)
+			}
+		}
+	}()
+}
+
+func (k *nftFast) routesChanged() bool { return k.routeEvents.Swap(false) }
+
+func (k *nftFast) close() { close(k.routesDone) }
 
 // forwards reports whether the kernel forwards the family: the fast path
 // forwards DNATed packets, so it needs it (and does not turn it on).

@@ -63,10 +63,12 @@ func TestFastPath(t *testing.T) {
 	ns := lab.AddNS("h")
 	t.Setenv("IKELB_FASTPATH_CHILD", "1")
 	start := time.Now()
-	out, err := ns.Run(os.Args[0], "-test.run=^TestFastPath(NATListener)?Child$", "-test.v", "-test.count=1")
+	out, err := ns.Run(os.Args[0], "-test.run=^TestFastPath(NATListener|RouteEvents)?Child$", "-test.v", "-test.count=1")
 	t.Logf("child in %s (%v):\n%s", ns.Name(), time.Since(start).Round(time.Millisecond), out)
-	if err != nil || !strings.Contains(out, "--- PASS: TestFastPathChild") || !strings.Contains(out, "--- PASS: TestFastPathNATListenerChild") {
-		t.Fatalf("child failed: %v", err)
+	for _, name := range []string{"TestFastPathChild", "TestFastPathNATListenerChild", "TestFastPathRouteEventsChild"} {
+		if err != nil || !strings.Contains(out, "--- PASS: "+name+" ") {
+			t.Fatalf("child %s failed: %v", name, err)
+		}
 	}
 }
 
@@ -516,5 +518,35 @@ func TestFastPathNATListenerChild(t *testing.T) {
 	}
 	if after := handle(); after != before || before == "" {
 		t.Fatalf("the tables were reinstalled for a backend added (raw output rule %q, then %q)", before, after)
+	}
+}
+
+// TestFastPathRouteEventsChild (in TestFastPath's namespace): a route
+// added on the host is seen (routesChanged), once.
+func TestFastPathRouteEventsChild(t *testing.T) {
+	if os.Getenv("IKELB_FASTPATH_CHILD") != "1" {
+		t.Skip("runs inside the namespace TestFastPath makes")
+	}
+	fk, err := newFastKernel("ikelb_route_events", slogDiscard, true) // its own table name: no other test's tables removed
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := fk.(*nftFast)
+	defer k.close()
+	time.Sleep(100 * time.Millisecond) // nothing changes meanwhile
+	if k.routesChanged() {
+		t.Fatal("an IPv4 route change reported with none made")
+	}
+	for _, op := range []string{"add", "del"} {
+		if out, err := exec.Command("ip", "route", op, "blackhole", "10.9.9.0/24").CombinedOutput(); err != nil {
+			t.Fatalf("ip route %s: %v %s", op, err, out)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for !k.routesChanged() {
+			if time.Now().After(deadline) {
+				t.Fatalf("no route change reported after a route %s", op)
+			}
+			time.Sleep(10 * time.Millisecond) // polling the subscription's flag, with a deadline
+		}
 	}
 }
