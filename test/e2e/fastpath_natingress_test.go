@@ -281,6 +281,9 @@ func TestFastPathNATIngressOverflow(t *testing.T) {
 	if n := nftCounter(t, lb, "chain", "ip", "tracked", "input"); n > 0 {
 		t.Errorf("%d datagrams reached the listener tracked by conntrack", n)
 	}
+	if !strings.Contains(d.Log(), "clients beyond the engine's flow limit go through conntrack") {
+		t.Error("ikelbd did not log that clients went beyond its flow limit")
+	}
 	if n := strings.Count(d.Log(), "conntrack entries failed"); n > 0 {
 		t.Errorf("%d conntrack delete failures logged", n)
 	}

@@ -512,8 +512,10 @@ type fastState struct {
 	handoverErr string
 	// nat: the handed-over nat flows in the kernel (fastpath_nat.go).
 	nat natFlows
-	// overflowSwept: when the overflow set was last expired (Unix ns).
+	// overflowSwept: when the overflow set was last expired (Unix ns);
+	// overflowing: the set was not empty at the last poll (logged).
 	overflowSwept int64
+	overflowing   bool
 }
 
 func (f *FastPath) run(ctx context.Context) {
@@ -934,6 +936,14 @@ func (f *FastPath) poll(st *fastState) {
 			_, ok := f.table.Lookup(k)
 			return ok
 		})
+	}
+	if n := f.held.overflowLen(); (n > 0) != st.overflowing {
+		st.overflowing = n > 0
+		if n > 0 {
+			f.log.Info("fast path: clients beyond the engine's flow limit go through conntrack (DNAT and SNAT) instead of the nat ingress stage; raise the open-file limit for more at ingress", "clients", n)
+		} else {
+			f.log.Info("fast path: no clients beyond the engine's flow limit any more")
+		}
 	}
 	nat := f.kernel.ingressNAT()
 	for id, s := range st.svcs {

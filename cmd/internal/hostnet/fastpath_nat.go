@@ -352,6 +352,13 @@ func (h *heldFlows) overflowed(kf dataplane.KernelFlow, now int64) bool {
 	return true
 }
 
+// overflowLen is the size of the overflow set.
+func (h *heldFlows) overflowLen() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.overflow)
+}
+
 // inOverflow reports whether k is in the overflow set.
 func (h *heldFlows) inOverflow(k dataplane.ClientKey) bool {
 	h.mu.Lock()
