@@ -2,6 +2,7 @@ package hostnet
 
 import (
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -374,18 +375,25 @@ const overflowGrace = 10 * time.Second
 
 // expireOverflow takes out of the overflow set the clients marked before
 // until without a binding (bound reports it): they left the table, or
-// their binding never committed.
-func (h *heldFlows) expireOverflow(until int64, bound func(dataplane.ClientKey) bool) int {
+// their binding never committed. The lookups run without the lock, which
+// the listeners' handovers take.
+func (h *heldFlows) expireOverflow(until int64, bound func(dataplane.ClientKey) bool) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	n := 0
+	var old []dataplane.ClientKey
 	for k, at := range h.overflow {
-		if at < until && !bound(k) {
-			delete(h.overflow, k)
-			n++
+		if at < until {
+			old = append(old, k)
 		}
 	}
-	return n
+	h.mu.Unlock()
+	old = slices.DeleteFunc(old, bound)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, k := range old {
+		if at, ok := h.overflow[k]; ok && at < until {
+			delete(h.overflow, k)
+		}
+	}
 }
 
 // Handover implements dataplane.KernelPath: a flow of a service the
