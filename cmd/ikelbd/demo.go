@@ -213,6 +213,11 @@ func runDemo(ctx context.Context, out io.Writer, o demoOptions) (err error) {
 		return err
 	}
 	printLanding(out, newcomers, 0)
+	for _, l := range []landing{again, newcomers} {
+		if l.failed > 0 {
+			printErrors(out, l.rep)
+		}
+	}
 	checks = append(checks,
 		check{"existing clients keep their server while it drains", kept == o.clients && again.split == 0,
 			fmt.Sprintf("%d of %d on the same server as before", kept, o.clients)},
