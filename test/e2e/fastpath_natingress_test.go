@@ -114,15 +114,7 @@ func TestFastPathNATIngress(t *testing.T) {
 	}
 	t.Logf("checksum-less ESP-in-UDP: %d of 150 reached the backend without a checksum, %d with one", noSum, badSum)
 
-	select {
-	case <-p.Done():
-	case <-time.After(30 * time.Second):
-		t.Fatal("sessions did not finish")
-	}
-	lines := parseSessions(p.Log())
-	if len(lines) != clients {
-		t.Fatalf("%d session lines, want %d:\n%s", len(lines), clients, p.Log())
-	}
+	lines := finishedSessions(t, p, clients, 30*time.Second)
 	perBackend := map[string]int{}
 	for _, l := range lines {
 		if l.Err != "" || !l.Kept || l.Answered == 0 || l.IKEResponder != l.NATTResponder || l.Checks < 20 {
@@ -264,15 +256,7 @@ func TestFastPathNATIngressOverflow(t *testing.T) {
 	}
 	t.Logf("%d flows at ingress, %d clients in the DNAT map; userspace deliveries stayed at %d", nFlows, nDNAT, u1)
 
-	select {
-	case <-p.Done():
-	case <-time.After(40 * time.Second):
-		t.Fatal("sessions did not finish")
-	}
-	lines := parseSessions(p.Log())
-	if len(lines) != clients {
-		t.Fatalf("%d session lines, want %d:\n%s", len(lines), clients, p.Log())
-	}
+	lines := finishedSessions(t, p, clients, 40*time.Second)
 	for _, l := range lines {
 		if l.Err != "" || !l.Kept || l.Answered == 0 || l.IKEResponder != l.NATTResponder || l.Checks < 20 {
 			t.Errorf("client %s: %+v", l.Client, l)

@@ -124,15 +124,7 @@ func TestFastPathNAT(t *testing.T) {
 		return strings.Contains(out, "snat to 10.0.0.1")
 	}, func() string { return "not rebuilt with the SNAT address: " + last })
 
-	select {
-	case <-p.Done():
-	case <-time.After(30 * time.Second):
-		t.Fatal("sessions did not finish")
-	}
-	lines := parseSessions(p.Log())
-	if len(lines) != clients {
-		t.Fatalf("%d session lines, want %d:\n%s", len(lines), clients, p.Log())
-	}
+	lines := finishedSessions(t, p, clients, 30*time.Second)
 	nattPorts := map[string][]string{} // backend → client NAT-T ports
 	for _, l := range lines {
 		// Answered counts DPD replies that came from VIP:4500 (ikesim
@@ -351,4 +343,20 @@ func newFastPathLab(t *testing.T, prefix, natPath, seen, ready string, wrap ...s
 		return true
 	}, func() string { return "ikelbd not serving with the fast path: " + last })
 	return fl
+}
+
+// finishedSessions waits up to timeout for the ikesim sessions process p
+// and returns its lines, failing the test unless there is one per client.
+func finishedSessions(t *testing.T, p *netns.Proc, clients int, timeout time.Duration) []sessionLine {
+	t.Helper()
+	select {
+	case <-p.Done():
+	case <-time.After(timeout):
+		t.Fatalf("%s did not finish", p.Name())
+	}
+	lines := parseSessions(p.Log())
+	if len(lines) != clients {
+		t.Fatalf("%d session lines, want %d:\n%s", len(lines), clients, p.Log())
+	}
+	return lines
 }

@@ -154,15 +154,7 @@ func TestFastPathTransparent(t *testing.T) {
 	Eventually(t, 5*time.Second, func() bool { return rep(lb2) > r2a+uint64(clients)*5 },
 		func() string { return fmt.Sprintf("lb2 re-addresses no replies: %d → %d", r2a, rep(lb2)) })
 
-	select {
-	case <-p.Done():
-	case <-time.After(40 * time.Second):
-		t.Fatal("sessions did not finish")
-	}
-	lines := parseSessions(p.Log())
-	if len(lines) != clients {
-		t.Fatalf("%d session lines, want %d:\n%s", len(lines), clients, p.Log())
-	}
+	lines := finishedSessions(t, p, clients, 40*time.Second)
 	seen := map[string]string{}
 	for i, r := range rs {
 		seen["r"+strconv.Itoa(i+1)] = r.MustRun("nft", "list", "set", "ip", "seen", "sources")
