@@ -72,6 +72,20 @@ func (n *Node) Counters() []ServiceCounters {
 // (*dataplane.Engine does).
 type flowCounter interface{ Flows() int }
 
+// kernelCounter is a Dataplane with a kernel fast path that reports what
+// it carries per nat service (cmd/internal/hostnet's Dataplane).
+type kernelCounter interface {
+	KernelClients() map[uint32]dataplane.KernelClients
+}
+
+func (n *Node) kernelCounter() (kernelCounter, bool) {
+	if !n.running() || n.dp == nil {
+		return nil, false
+	}
+	k, ok := n.dp.(kernelCounter)
+	return k, ok
+}
+
 func (n *Node) flowCounter() (flowCounter, bool) {
 	if !n.running() || n.dp == nil {
 		return nil, false

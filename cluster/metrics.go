@@ -50,6 +50,8 @@ var (
 	descDegraded    = desc("degraded", "1 when the node knows no leader with quorum.")
 	descServices    = desc("services", "Committed services.")
 	descFlows       = desc("flows", "Client flows open in this node's userspace path (nat: one upstream socket each).")
+	descKernFlows   = desc("kernel_nat_flows", "nat flows the kernel fast path rewrites statelessly at ingress, with their own socket's address and port.", "service")
+	descKernDNAT    = desc("kernel_nat_dnat_clients", "nat clients the kernel fast path carries through conntrack's DNAT map (with the ingress stage: those beyond the flow limit).", "service")
 	descDropped     = desc("proposals_dropped_total", "Proposals dropped, by reason.", "reason")
 	descProposed    = desc("proposals_total", "Proposals handed to raft on this node, as the leader.")
 	descHeld        = desc("proposals_held", "Proposals held while no leader is reachable (degraded), sent once one is.")
@@ -66,7 +68,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		descSvcPackets, descSvcBytes, descSvcReplyPackets, descSvcReplyBytes, descSvcDrops, descSvcActive,
 		descBePackets, descBeBytes, descBeReplyPackets, descBeReplyBytes, descBeDrops, descBeActive, descBeHealthy,
 		descAffinities, descRaftState, descRaftTerm, descRaftLast, descRaftCommit, descRaftApplied, descDegraded,
-		descServices, descFlows, descDropped, descHeld, descRequeued, descProposed, descForwarded, descReceived, descBatches, descFailed,
+		descServices, descFlows, descKernFlows, descKernDNAT, descDropped, descHeld, descRequeued, descProposed, descForwarded, descReceived, descBatches, descFailed,
 	} {
 		ch <- d
 	}
@@ -116,6 +118,16 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descServices, float64(st.Services))
 	if f, ok := n.flowCounter(); ok {
 		gauge(descFlows, float64(f.Flows()))
+	}
+	if k, ok := n.kernelCounter(); ok {
+		if kc := k.KernelClients(); kc != nil {
+			for _, s := range n.fsm.Services() {
+				if c, ok := kc[s.ID]; ok {
+					gauge(descKernFlows, float64(c.Flows), s.Name)
+					gauge(descKernDNAT, float64(c.DNAT), s.Name)
+				}
+			}
+		}
 	}
 	for _, s := range []raft.RaftState{raft.Follower, raft.Candidate, raft.Leader, raft.Shutdown} {
 		v := 0.0

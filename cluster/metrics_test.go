@@ -16,6 +16,9 @@ func TestCollector(t *testing.T) {
 	n, _ := adminNode(t, eng)
 	mustCreate(t, n, apiService("vpn", "10.0.0.1", "10.1.0.1", "10.1.0.2"))
 	proposeBinds(t, n, 3)
+	eng.mu.Lock()
+	eng.kernel = map[uint32]dataplane.KernelClients{n.fsm.Services()[0].ID: {Flows: 5, DNAT: 2}, 99: {Flows: 1}} // 99: no such service
+	eng.mu.Unlock()
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(NewCollector(n))
 	families, err := reg.Gather()
@@ -39,6 +42,8 @@ func TestCollector(t *testing.T) {
 		"ikelb_backend_up,backend=10.1.0.2,service=vpn":             1,
 		"ikelb_affinity_entries":                                    3,
 		"ikelb_flows":                                               7,
+		"ikelb_kernel_nat_flows,service=vpn":                        5,
+		"ikelb_kernel_nat_dnat_clients,service=vpn":                 2,
 		"ikelb_raft_state,state=Leader":                             1,
 		"ikelb_degraded":                                            0,
 		"ikelb_proposals_total":                                     3,

@@ -40,6 +40,13 @@ type fakeEngine struct {
 	counters []dataplane.ServiceCounters
 	flows    int
 	fail     int // SetServices calls still to fail
+	kernel   map[uint32]dataplane.KernelClients
+}
+
+func (e *fakeEngine) KernelClients() map[uint32]dataplane.KernelClients {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.kernel
 }
 
 func (e *fakeEngine) Flows() int {

@@ -153,3 +153,12 @@ func (sc *serviceCounters) snapshot(sv *serviceView) ServiceCounters {
 	}
 	return out
 }
+
+// KernelClients is what a kernel fast path carries of one nat service:
+// Flows, flows rewritten statelessly with their own socket's address and
+// port (the ingress stage); DNAT, clients on the DNAT map (conntrack:
+// every client of a service on the conntrack path, or, with the ingress
+// stage, the clients beyond the engine's flow limit).
+type KernelClients struct {
+	Flows, DNAT int
+}

@@ -502,7 +502,8 @@ func ikelbGauge(env *Env, name string) (float64, error) {
 
 // ikelbMetrics is the part of the balancer's metrics that says where the
 // load went: committed affinities, datagrams forwarded (kernel and
-// userspace), drops and dropped proposals.
+// userspace), drops, dropped proposals, and the nat clients the kernel
+// path carries (flows at ingress, clients on the DNAT map).
 func ikelbMetrics(env *Env) string {
 	out, err := scrapeIkelb(env)
 	if err != nil {
@@ -510,7 +511,7 @@ func ikelbMetrics(env *Env) string {
 	}
 	var keep []string
 	for _, l := range strings.Split(out, "\n") {
-		for _, m := range []string{"ikelb_affinity_entries ", "ikelb_service_packets_total", "ikelb_service_drops_total", "ikelb_proposals_dropped_total", "ikelb_flows "} {
+		for _, m := range []string{"ikelb_affinity_entries ", "ikelb_service_packets_total", "ikelb_service_drops_total", "ikelb_proposals_dropped_total", "ikelb_flows ", "ikelb_kernel_nat_"} {
 			if strings.HasPrefix(l, m) && !strings.HasSuffix(l, " 0") {
 				keep = append(keep, l)
 			}

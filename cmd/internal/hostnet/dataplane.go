@@ -86,6 +86,15 @@ func (d *Dataplane) applyHost(set []dataplane.Service, covered map[uint32]bool) 
 	return d.m.Apply(SpecFor(rest, p4, p6))
 }
 
+// KernelClients is, per nat service, what the kernel fast path carries
+// (FastPath.KernelClients); nil without one.
+func (d *Dataplane) KernelClients() map[uint32]dataplane.KernelClients {
+	if d.fp == nil {
+		return nil
+	}
+	return d.fp.KernelClients()
+}
+
 // Counters is the engine's counters plus, per service, the packets the
 // kernel fast path forwarded (as of its last poll). The kernel's counts
 // are per service: they are in the service's Packets/Bytes/Reply* and in

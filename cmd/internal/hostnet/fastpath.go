@@ -298,6 +298,8 @@ type FastPath struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	wake   chan struct{} // capacity 1: a new service set is pending
+	// clientsReq asks the goroutine for KernelClients' counts.
+	clientsReq chan chan map[uint32]dataplane.KernelClients
 	// handovers: flows whose conntrack entries the goroutine deletes
 	// (Handover; full: dropped, the listener asks again at the flow's
 	// next datagram after 100 ms).
@@ -352,16 +354,17 @@ func startFastPath(cfg FastPathConfig, k fastKernel) *FastPath {
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &FastPath{
 		cfg: cfg, log: cfg.Logger, table: cfg.Table, kernel: k,
-		queue:     dataplane.NewChangeQueue(cfg.QueueSize),
-		cancel:    cancel,
-		done:      make(chan struct{}),
-		wake:      make(chan struct{}, 1),
-		handovers: make(chan ctFlow, handoverQueue),
-		held:      newHeldFlows(),
-		counters:  map[uint32]FastCounters{},
-		base:      map[uint32]FastCounters{},
-		covered:   map[uint32]bool{},
-		appliedCh: make(chan struct{}),
+		queue:      dataplane.NewChangeQueue(cfg.QueueSize),
+		cancel:     cancel,
+		done:       make(chan struct{}),
+		wake:       make(chan struct{}, 1),
+		clientsReq: make(chan chan map[uint32]dataplane.KernelClients),
+		handovers:  make(chan ctFlow, handoverQueue),
+		held:       newHeldFlows(),
+		counters:   map[uint32]FastCounters{},
+		base:       map[uint32]FastCounters{},
+		covered:    map[uint32]bool{},
+		appliedCh:  make(chan struct{}),
 	}
 	f.table.SetObserver(f.queue)
 	go f.run(ctx)
@@ -564,6 +567,8 @@ func (f *FastPath) run(ctx context.Context) {
 			f.sweep(st)
 		case fl := <-f.handovers:
 			f.handover(st, fl)
+		case reply := <-f.clientsReq:
+			reply <- kernelClients(st)
 		}
 	}
 }
@@ -647,6 +652,58 @@ drain:
 		return
 	}
 	st.handoverErr = ""
+}
+
+// clientsWait bounds how long KernelClients waits for the goroutine (busy
+// with a large install, say).
+const clientsWait = time.Second
+
+// KernelClients returns, per nat service the fast path serves, the flows
+// and clients the kernel carries, as the fast path's goroutine last put
+// them there; nil if the goroutine does not answer within clientsWait or
+// the fast path is closed.
+func (f *FastPath) KernelClients() map[uint32]dataplane.KernelClients {
+	reply := make(chan map[uint32]dataplane.KernelClients, 1)
+	t := time.NewTimer(clientsWait)
+	defer t.Stop()
+	select {
+	case f.clientsReq <- reply:
+	case <-f.done:
+		return nil
+	case <-t.C:
+		return nil
+	}
+	select {
+	case m := <-reply:
+		return m
+	case <-f.done:
+		return nil
+	}
+}
+
+func kernelClients(st *fastState) map[uint32]dataplane.KernelClients {
+	out := map[uint32]dataplane.KernelClients{}
+	if !st.installed {
+		return out
+	}
+	for id, s := range st.svcs {
+		if !s.transparent {
+			out[id] = dataplane.KernelClients{}
+		}
+	}
+	for kf := range st.nat.mirror {
+		if c, ok := out[kf.Service]; ok {
+			c.Flows++
+			out[kf.Service] = c
+		}
+	}
+	for k := range st.mirror {
+		if c, ok := out[k.Service]; ok {
+			c.DNAT++
+			out[k.Service] = c
+		}
+	}
+	return out
 }
 
 // Forwards reports whether the kernel forwards k: its service's rules

@@ -509,6 +509,9 @@ func TestFastPathNATFlows(t *testing.T) {
 		t.Fatal("Handover of a flow of a service the ingress stage carries = false")
 	}
 	wait("the flow in the maps", func() bool { _, ok := k.snapshotFlows()[kf]; return ok })
+	if c := fp.KernelClients()[7]; c != (dataplane.KernelClients{Flows: 1}) {
+		t.Fatalf("KernelClients %+v, want one flow at ingress and nothing on the DNAT map", c)
+	}
 	if _, elems, _ := k.snapshot(); len(elems) != 0 {
 		t.Fatalf("DNAT map %v, want empty: every client has its flow", elems)
 	}
@@ -569,6 +572,9 @@ func TestFastPathNATFlows(t *testing.T) {
 		_, elems, _ := k.snapshot()
 		return elems[key("10.1.0.3")] == a("10.0.0.11") && len(elems) == 2
 	})
+	if c := fp.KernelClients()[7]; c != (dataplane.KernelClients{DNAT: 2}) {
+		t.Fatalf("KernelClients %+v, want the two overflow clients on the DNAT map and no flow", c)
+	}
 	// Their datagrams to the listener were untracked (listenerUntracked):
 	// no conntrack entry to delete.
 	k.mu.Lock()
