@@ -78,18 +78,12 @@ type kernelCounter interface {
 	KernelClients() map[uint32]dataplane.KernelClients
 }
 
-func (n *Node) kernelCounter() (kernelCounter, bool) {
+// dataplaneAs returns the running node's Dataplane as T, if it is one.
+func dataplaneAs[T any](n *Node) (T, bool) {
+	var zero T
 	if !n.running() || n.dp == nil {
-		return nil, false
+		return zero, false
 	}
-	k, ok := n.dp.(kernelCounter)
-	return k, ok
-}
-
-func (n *Node) flowCounter() (flowCounter, bool) {
-	if !n.running() || n.dp == nil {
-		return nil, false
-	}
-	f, ok := n.dp.(flowCounter)
-	return f, ok
+	t, ok := n.dp.(T)
+	return t, ok
 }

@@ -116,10 +116,10 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	st := n.Status()
 	gauge(descAffinities, float64(st.Affinities))
 	gauge(descServices, float64(st.Services))
-	if f, ok := n.flowCounter(); ok {
+	if f, ok := dataplaneAs[flowCounter](n); ok {
 		gauge(descFlows, float64(f.Flows()))
 	}
-	if k, ok := n.kernelCounter(); ok {
+	if k, ok := dataplaneAs[kernelCounter](n); ok {
 		if kc := k.KernelClients(); kc != nil {
 			for _, s := range n.fsm.Services() {
 				if c, ok := kc[s.ID]; ok {

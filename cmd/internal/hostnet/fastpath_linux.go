@@ -38,10 +38,10 @@ type nftFast struct {
 	natIngress map[uint32]bool
 	// conntrackNAT: never leave nat services to the ingress stage.
 	conntrackNAT bool
-	// overflow: per nat service the ingress stage carries, the clients in
-	// its DNAT map (the engine had no flow for them), so that conntrack
-	// is read for it only while it carries some.
-	overflow map[uint32]int
+	// dnatClients: per nat service, the clients in its DNAT map; for one
+	// the ingress stage carries, those the engine had no flow for, so that
+	// conntrack is read for it only while it carries some (ctCarries).
+	dnatClients map[uint32]int
 	// svcs is the set installed; ct what conntrack showed of its nat
 	// services (conntrack_linux.go).
 	svcs map[uint32]*fastService
@@ -63,7 +63,9 @@ func newFastKernel(name string, log *slog.Logger, conntrackNAT bool) (fastKernel
 	if err := k.remove(); err != nil { // a table left by a killed run
 		return nil, fmt.Errorf("%w: %w", ErrFastPathUnavailable, err)
 	}
-	k.subscribeRoutes()
+	if !conntrackNAT { // client next hops are the nat ingress stage's only
+		k.subscribeRoutes()
+	}
 	return k, nil
 }
 
@@ -205,7 +207,7 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 	byService := map[uint32][]nftables.SetElement{}
 	var rest []mapOp
 	placed := 0
-	k.overflow = map[uint32]int{}
+	k.dnatClients = map[uint32]int{}
 	for key, b := range elems {
 		s := svcs[key.Service]
 		if placed >= txElems {
@@ -213,7 +215,7 @@ func (k *nftFast) install(svcs map[uint32]*fastService, elems map[dataplane.Clie
 			continue
 		}
 		byService[key.Service] = append(byService[key.Service], nftables.SetElement{Key: key.Client.Netip().AsSlice(), Val: b.AsSlice()})
-		k.overflow[key.Service]++
+		k.dnatClients[key.Service]++
 		placed += k.weight(s, plan)
 	}
 	for _, v6 := range []bool{false, true} {
@@ -492,9 +494,9 @@ func (k *nftFast) updateTx(ops []mapOp) error {
 		}
 		if t.Family != nftables.TableFamilyNetdev {
 			if op.backend.IsValid() {
-				k.overflow[op.svc.id]++
+				k.dnatClients[op.svc.id]++
 			} else {
-				k.overflow[op.svc.id]--
+				k.dnatClients[op.svc.id]--
 			}
 		}
 	}
@@ -892,5 +894,5 @@ func (k *nftFast) forgetVIPs(svcs map[uint32]*fastService) error {
 // forwarding core delayed datagrams by hundreds of microseconds in the
 // benchmark's latency runs; it is skipped when it can count nothing.
 func (k *nftFast) ctCarries(id uint32) bool {
-	return !k.natIngress[id] || k.overflow[id] > 0
+	return !k.natIngress[id] || k.dnatClients[id] > 0
 }

@@ -174,7 +174,8 @@ type natFlows struct {
 	byReply map[[2]netip.AddrPort]dataplane.KernelFlow // {backend, upstream}
 	routes  map[netip.Addr]*clientHop
 	// recheck: the client addresses whose next hops the coming polls look
-	// up again (recheckPerPoll at a time), refilled from routes when empty.
+	// up again (recheckPerPoll or recheckBurst at a time), refilled from
+	// routes when empty.
 	recheck []netip.Addr
 	// burst: passes over every client still to go at recheckBurst a poll
 	// (the host's routes changed).

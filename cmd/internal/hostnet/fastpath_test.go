@@ -527,7 +527,7 @@ func TestFastPathRouteEventsChild(t *testing.T) {
 	if os.Getenv("IKELB_FASTPATH_CHILD") != "1" {
 		t.Skip("runs inside the namespace TestFastPath makes")
 	}
-	fk, err := newFastKernel("ikelb_route_events", slogDiscard, true) // its own table name: no other test's tables removed
+	fk, err := newFastKernel("ikelb_route_events", slogDiscard, false) // its own table name: no other test's tables removed
 	if err != nil {
 		t.Fatal(err)
 	}
