@@ -358,7 +358,9 @@ func RunScaleForwarding(ctx context.Context, env *Env, cfg ScaleForwardingConfig
 			// A fresh instance per count: Ikelb keeps its process.
 			t := tgt
 			if k, ok := tgt.(*Ikelb); ok {
-				t = &Ikelb{Mode: k.Mode, Binary: k.Binary, NATFastPath: k.NATFastPath}
+				fresh := *k // every setting, no process
+				fresh.proc = nil
+				t = &fresh
 			}
 			dst, err := t.Start(ctx, env)
 			if err != nil {
